@@ -1,0 +1,286 @@
+"""What gets learned: FLAVA's objectives and the step that runs them for each kind of batch.
+
+FLAVA (arXiv 2112.04482) §3.2 trains image-text pairs with three multimodal objectives,
+- global contrastive (GC): CLIP's InfoNCE (arXiv 2103.00020) whose all_gather passes gradients
+  back to *every* rank, where CLIP only back-propagates the local part;
+- masked multimodal modeling (MMM): predict the dVAE code of each masked patch and the word of
+  each masked token from the multimodal encoder;
+- image-text matching (ITM): say from [CLS_M] whether image and caption belong together;
+and §3.3 adds the unimodal MIM (image-only batches) and MLM (text-only batches). FLIP (arXiv
+2212.00794) makes the contrastive pass cheap by dropping patches. The dVAE's own loss (DALL-E,
+arXiv 2102.12092) is here too. Exercise it with `python -m pytest tests/test_losses.py`.
+
+Shapes follow model.py's legend. All masked-prediction losses ignore label -100 and are 0, not
+NaN, when nothing is masked. Every tensor keeps a static shape (no boolean indexing), so a step
+never waits on the GPU to know how many tokens were masked.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import masking
+from masking import IGNORE_INDEX
+from model import LOGIT_SCALE_MAX
+
+# ---------------------------------------------------------------------------------------------
+# Global contrastive loss (FLAVA §3.2, CLIP §2.3, open_clip's local-rows x global-columns form)
+# ---------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of *every* rank's loss with
+    respect to its own slice: the columns of rank r's logits hold rank s's embeddings, so rank
+    s's embeddings receive gradient from every rank. Sum the gradients (all_reduce), keep ours."""
+
+    @staticmethod
+    def forward(ctx, x):  # x (n, E) -> (W * n, E)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (W * n, E) -> (n, E)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # SUM over ranks of dL_r / d(all embeddings)
+        n = grad.size(0) // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all_gather along dim 0; the identity in a single process."""
+    return _AllGatherWithGrad.apply(x) if _distributed() else x  # (W * n, E)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """CLIP-style local backprop: gathered embeddings are constants. Kept as the negative control
+    of the distributed gradient test: with it, N ranks do *not* match one big batch."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)  # (W * n, E), no gradient
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale, backprop: str = "global"):
+    """Symmetric InfoNCE over the global batch. image_emb, text_emb (n, E): this rank's
+    L2-normalised embeddings of n matched pairs; logit_scale: the log-temperature parameter.
+
+    Each rank scores its n rows against all W*n gathered columns (memory O(n * W * n), not
+    O((W n)^2)); the positive of local row i is global column rank * n + i. With gradients through
+    the gather and DDP's averaging, W ranks reproduce one process with the whole batch exactly."""
+    gather = gather_with_grad if backprop == "global" else gather_no_grad
+    with torch.autocast(image_emb.device.type, enabled=False):  # logits and softmax in fp32
+        image_emb, text_emb = image_emb.float(), text_emb.float()
+        all_image, all_text = gather(image_emb), gather(text_emb)  # (W * n, E)
+        scale = logit_scale.float().clamp(0, LOGIT_SCALE_MAX).exp()
+        logits_i2t = scale * image_emb @ all_text.T  # (n, W * n)
+        logits_t2i = scale * text_emb @ all_image.T  # (n, W * n)
+        n = image_emb.size(0)
+        rank = dist.get_rank() if _distributed() else 0
+        labels = torch.arange(n, device=image_emb.device) + rank * n  # (n,)
+        return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked prediction (MIM, MLM, MMM), ITM and the dVAE's loss
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_ce(logits, labels):
+    """Mean cross-entropy over the positions whose label is not -100; exactly 0 when there are
+    none (F.cross_entropy's mean would divide 0 by 0 and give NaN, TorchMultimodal's pitfall)."""
+    total = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labels.ne(IGNORE_INDEX).sum().clamp(min=1)
+
+
+def masked_prediction(head, states, labels, k: int):
+    """Apply `head` only where there is something to predict. states (B, T, D), labels (B, T)
+    with -100 where nothing is hidden, k >= the most labelled positions a row can have. Each
+    row's labelled positions are moved first (stable sort) and the first k are taken: a static
+    (B, k) selection, so the head never runs over the whole sequence (a 30k-word vocabulary on
+    every token would cost more than the encoder) and nothing synchronises with the host."""
+    labelled = labels.ne(IGNORE_INDEX).to(torch.uint8)  # (B, T)
+    idx = labelled.argsort(dim=1, descending=True, stable=True)[:, :k]  # (B, k)
+    picked = states.gather(1, idx[..., None].expand(-1, -1, states.size(-1)))  # (B, k, D)
+    return masked_ce(head(picked), labels.gather(1, idx))  # padding picks carry label -100
+
+
+def itm_loss(logits, labels):
+    return F.cross_entropy(logits, labels)  # (B, 2) vs (B,) with 1 = matched, 0 = swapped
+
+
+def dvae_loss(recon, images01, logits, kl_weight: float):
+    """Reconstruction MSE plus kl_weight * KL(q || uniform) per grid cell, where q is the encoder's
+    softmax over the codebook: the uniform prior of DALL-E §2.1, which keeps codes in use."""
+    recon_loss = F.mse_loss(recon.float(), images01.float())
+    logq = logits.float().log_softmax(dim=1)  # (B, C, G, G)
+    kl = (logq.exp() * (logq + math.log(logits.size(1)))).sum(dim=1).mean()
+    return {"loss": recon_loss + kl_weight * kl, "recon": recon_loss, "kl": kl}
+
+
+@torch.no_grad()
+def codebook_stats(codes, codebook_size: int):
+    """Health of a codebook from a batch of codes: share of codes used and perplexity
+    exp(entropy of the code histogram), which is codebook_size for perfectly even use."""
+    counts = torch.bincount(codes.flatten(), minlength=codebook_size).float()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"used": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The FLAVA step (design.md §3): one kind of batch per step, named losses out
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    keep_ratio: float = 0.5  # FLIP: share of patches the contrastive pass keeps (1.0 = FLAVA's unmasked pass)
+    mask_ratio: float = 0.383  # BEiT: share of patches masked for MIM / MMM (FLAVA: 75 of 196)
+    min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
+    mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
+    itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
+    backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
+    gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
+    itm_weight: float = 1.0
+    mmm_image_weight: float = 1.0
+    mmm_text_weight: float = 1.0
+    mim_weight: float = 1.0
+    mlm_weight: float = 1.0
+
+    def __post_init__(self):
+        problems = []
+        if not 0 < self.keep_ratio <= 1:
+            problems.append(f"keep_ratio={self.keep_ratio} must be in (0, 1]")
+        if not 0 < self.mask_ratio < 1:
+            problems.append(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if not 0 < self.mlm_prob < 1:
+            problems.append(f"mlm_prob={self.mlm_prob} must be in (0, 1)")
+        if not 0 <= self.itm_neg_prob < 1:
+            problems.append(f"itm_neg_prob={self.itm_neg_prob} must be in [0, 1)")
+        if self.backprop not in ("global", "local"):
+            problems.append(f"backprop={self.backprop!r} must be 'global' or 'local'")
+        if problems:
+            raise ValueError("LossConfig: " + "; ".join(problems))
+
+
+class FLAVALoss(nn.Module):
+    """The FLAVA step as one module, so DistributedDataParallel sees a single forward.
+
+    Holds the model (trained) and the frozen dVAE (whose codes are the image targets). Images
+    arrive as uint8 (B, 3, S, S), text as ids and an attention mask (B, L); `seed` makes every
+    random choice of the step (masks, kept patches, ITM swaps) a pure function of it, so a
+    resumed run draws exactly what an uninterrupted one would have."""
+
+    def __init__(self, model, dvae, cfg: LossConfig, mask_id: int, special_ids):
+        super().__init__()
+        self.model, self.dvae, self.cfg = model, dvae.requires_grad_(False).eval(), cfg
+        self.mask_id, self.special_ids = mask_id, tuple(special_ids)
+        mcfg = model.cfg
+        self.n_masked = max(1, round(cfg.mask_ratio * mcfg.num_patches))  # BEiT target per image
+        self.min_block = cfg.min_block or masking.default_min_block(mcfg.num_patches)
+        self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bound per row
+
+    def forward(self, source: str, batch: dict, seed: int):
+        device = next(self.model.parameters()).device
+        gen_cpu = torch.Generator().manual_seed(seed)  # block masks are drawn on the CPU
+        gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+        if source == "pairs":
+            losses = self.pairs(batch["image"], batch["ids"], batch["attn"], gen, gen_cpu)
+        elif source == "images":
+            losses = self.images(batch["image"], gen_cpu)
+        elif source == "texts":
+            losses = self.texts(batch["ids"], batch["attn"], gen)
+        else:
+            raise ValueError(f"unknown source {source!r}; expected pairs, images or texts")
+        c = self.cfg
+        weights = {"gc": c.gc_weight, "itm": c.itm_weight, "mmm_image": c.mmm_image_weight,
+                   "mmm_text": c.mmm_text_weight, "mim": c.mim_weight, "mlm": c.mlm_weight}
+        losses["total"] = sum(weights[name] * loss for name, loss in losses.items())
+        return losses
+
+    # -- helpers shared by the three kinds of batch ------------------------------------------
+
+    def _pixels_and_codes(self, images_u8):
+        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
+        return images, self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
+
+    def _block_mask(self, B, gen_cpu, device):
+        m = masking.block_mask(B, self.model.cfg.grid, self.n_masked, self.min_block, generator=gen_cpu)
+        if device.type == "cuda":
+            m = m.pin_memory()  # a pinned source lets the copy run without stalling the host
+        return m.to(device, non_blocking=True)  # (B, P) bool
+
+    def _text_mask(self, ids, gen):
+        return masking.text_mask(ids, mask_id=self.mask_id, special_ids=self.special_ids,
+                                 vocab_size=self.model.cfg.vocab_size, prob=self.cfg.mlm_prob, generator=gen)
+
+    # -- image-only batch: MIM (FLAVA §3.3, BEiT) ---------------------------------------------
+
+    def images(self, images_u8, gen_cpu):
+        images, codes = self._pixels_and_codes(images_u8)
+        patch_masked = self._block_mask(images.size(0), gen_cpu, images.device)  # (B, P)
+        out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D)
+        labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
+        return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked)}
+
+    # -- text-only batch: MLM (FLAVA §3.3, BERT) ----------------------------------------------
+
+    def texts(self, ids, attn, gen):
+        masked_ids, labels = self._text_mask(ids, gen)  # (B, L), (B, L)
+        out = self.model.encode_text(masked_ids, attn)[1]  # (B, L, D)
+        return {"mlm": masked_prediction(self.model.mlm_head, out, labels, self.k_text)}
+
+    # -- paired batch: GC + ITM + MMM (FLAVA §3.2) --------------------------------------------
+
+    def pairs(self, images_u8, ids, attn, gen, gen_cpu):
+        m, c = self.model, self.cfg
+        B, P, L = ids.size(0), m.cfg.num_patches, ids.size(1)
+        images, codes = self._pixels_and_codes(images_u8)
+
+        # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
+        keep_idx = None
+        if c.keep_ratio < 1:
+            keep_idx = masking.random_keep(B, P, c.keep_ratio, device=images.device, generator=gen)  # (B, K)
+        image_out = m.encode_image(images, keep_idx=keep_idx)[1]  # (B, 1 + K, D)
+        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
+        gc = contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale, c.backprop)
+        # Every contrastive row is a true pair: the ITM negatives below are made inside this step,
+        # after the contrastive pass, instead of in the data (where TorchMultimodal makes them and
+        # must then drop them from the contrastive rows).
+
+        # 2. ITM negatives: swap a share of captions for another sample's caption. The partner is
+        # uniform over the *other* rows; the label is 0 only if the swapped caption really differs.
+        swap = torch.rand(B, device=ids.device, generator=gen) < c.itm_neg_prob  # (B,)
+        partner = (torch.arange(B, device=ids.device) + torch.randint(1, max(B, 2), (B,), device=ids.device,
+                                                                     generator=gen)) % B  # (B,), != own row
+        swap = swap & (ids[partner] != ids).any(dim=1)
+        mm_ids = torch.where(swap[:, None], ids[partner], ids)  # (B, L)
+        mm_attn = torch.where(swap[:, None], attn[partner], attn)  # (B, L)
+        matched = ~swap  # (B,) the positive mask: True for a real pair
+        itm_labels = matched.long()  # (B,)
+
+        # 3. Masked pass: BEiT-masked image + BERT-masked text through both encoders and the fusion.
+        patch_masked = self._block_mask(B, gen_cpu, images.device)  # (B, P)
+        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (B, L), (B, L)
+        image_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (B, N, D) pre-LN
+        text_hidden = m.encode_text(masked_ids, mm_attn)[0]  # (B, L, D) pre-LN
+        mm = m.encode_multimodal(image_hidden, text_hidden, mm_attn)  # (B, M, D)
+        itm = itm_loss(m.itm_head(mm[:, 0]), itm_labels)  # ITM reads the masked pass, as in FLAVA
+
+        # MMM learns only from matched pairs. The filter is applied to the *labels* of every
+        # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be
+        # left unfiltered (Hugging Face's bug #27855) and no shape changes.
+        image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (B, P)
+        text_labels = torch.where(matched[:, None], text_labels, IGNORE_INDEX)  # (B, L)
+        mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked)
+        mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text)
+        return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}

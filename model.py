@@ -1,0 +1,549 @@
+"""The networks of FLAVA: three ViT-style encoders, their heads, and a tiny dVAE.
+
+FLAVA (Singh et al., arXiv 2112.04482) §3.1: an image encoder (ViT), a text encoder with *the same*
+architecture over word pieces, and a multimodal encoder that fuses the two through learned
+projections and its own [CLS_M] token. Every masked-prediction target of the images comes from a
+discrete VAE (DALL-E, arXiv 2102.12092; used by BEiT, arXiv 2106.08254). FLIP (Li et al., arXiv
+2212.00794) adds one thing here: the image encoder can drop patches, so the contrastive pass
+only pays for the patches it keeps.
+
+This file runs from small parts to large ones: config -> attention, MLP, block -> encoders ->
+heads -> FLAVA -> dVAE -> FLOPs. What is *hidden* lives in masking.py, what is *learned* in
+losses.py. Exercise it with `python -m pytest tests/test_model.py`.
+
+Shape legend (used in every shape comment):
+    B batch, P image patches (grid G x G), N = 1 + P image tokens (or 1 + K with FLIP keeping K),
+    L text tokens, M = 1 + N + L multimodal tokens, D width, H heads, Dh = D / H head width,
+    E contrastive embedding width, V text vocabulary, C dVAE codebook size (MIM vocabulary).
+Mask polarity: `*_masked` / `*_drop` are True where a token is hidden; `*_attn_mask` is True
+where a token is real and may be attended (the convention of F.scaled_dot_product_attention).
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64  # input resolution (square); must be divisible by patch_size
+    patch_size: int = 8  # ViT patch side; one dVAE code per patch
+    stem: str = "conv"  # "linear": one Conv2d(k=p, s=p) (the paper); "conv": a small patch-local conv stem
+    width: int = 160  # D, shared by all three encoders (FLAVA uses 768 everywhere)
+    heads: int = 4  # H; width must be divisible by heads
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
+    image_layers: int = 3  # depth of the image encoder (paper: 12)
+    text_layers: int = 3  # depth of the text encoder (paper: 12)
+    mm_layers: int = 1  # depth of the multimodal encoder (paper: 6)
+    vocab_size: int = 512  # V: word-piece vocabulary (set from the tokenizer at run time)
+    text_len: int = 32  # L: fixed text length with padding (FLIP: 32, CLIP: 77)
+    embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
+    codebook_size: int = 256  # C: dVAE codebook size = MIM / MMM-image vocabulary (DALL-E: 8192)
+    dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
+    dvae_hidden: int = 64  # dVAE conv width
+    dvae_code_dim: int = 32  # width of a codebook vector
+    attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
+    grad_ckpt: bool = False  # recompute each block in backward: less activation memory, ~30% more compute
+    ln_eps: float = 1e-12  # LayerNorm epsilon (both public FLAVA implementations)
+    init_std: float = 0.02  # N(0, 0.02) for weights (BERT / ViT / FLAVA)
+
+    def __post_init__(self):
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.width % self.heads:
+            problems.append(f"width={self.width} is not divisible by heads={self.heads}")
+        if self.stem not in ("linear", "conv"):
+            problems.append(f"stem={self.stem!r} must be 'linear' or 'conv'")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            problems.append(f"stem='conv' needs a power-of-two patch_size, got patch_size={self.patch_size}")
+        if self.attn not in ("auto", "sdpa", "manual"):
+            problems.append(f"attn={self.attn!r} must be 'auto', 'sdpa' or 'manual'")
+        if self.image_size % (2**self.dvae_layers) or self.image_size // 2**self.dvae_layers != self.grid:
+            problems.append(
+                f"dVAE grid image_size / 2**dvae_layers = {self.image_size} / {2**self.dvae_layers} must equal the "
+                f"patch grid image_size / patch_size = {self.grid} (one code per patch): set dvae_layers="
+                f"{int(math.log2(self.patch_size)) if self.patch_size & (self.patch_size - 1) == 0 else '?'}"
+            )
+        for name in ("image_layers", "text_layers", "mm_layers", "width", "heads", "vocab_size", "text_len",
+                     "embed_dim", "codebook_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.text_len < 3:
+            problems.append(f"text_len={self.text_len} must leave room for [CLS], a word and [SEP]")
+        if problems:
+            raise ValueError("ModelConfig: " + "; ".join(problems))
+
+    @property
+    def grid(self) -> int:  # G: patches per side
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:  # P
+        return self.grid**2
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"ModelConfig has no field(s) {bad}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Presets are plain dicts of ModelConfig fields. `tiny` trains the whole pipeline on a 2-core CPU
+# in minutes; `small` is ViT-S sized (where compute, not overhead, dominates a CPU step);
+# `base` is the paper's ViT-B/16 with a 6-layer multimodal encoder and DALL-E's 8192 codes.
+PRESETS = {
+    "tiny": dict(),
+    "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
+                  text_layers=12, mm_layers=6, text_len=32, embed_dim=384, codebook_size=8192,
+                  dvae_layers=4, dvae_hidden=128, dvae_code_dim=64, vocab_size=30522),
+    "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
+                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192,
+                 dvae_layers=4, dvae_hidden=256, dvae_code_dim=128, vocab_size=30522),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Transformer parts: attention, MLP, pre-LN block, encoder stack
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention honouring a key-padding mask, by SDPA or by an explicit softmax.
+
+    "auto" takes SDPA (flash / memory-efficient kernels on CUDA) except for reduced precision on
+    a CPU, where torch's CPU flash kernel is far slower than the three explicit ops (bf16 forward
+    + backward at B=64, T=65, Dh=40: 47 ms vs 5 ms, measured on torch 2.13)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.mode = cfg.heads, cfg.attn
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)  # FLAVA keeps the qkv bias
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x, attn_mask=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        # A key-padding mask (B, T) broadcasts over heads and queries: (B, 1, 1, T). Every sequence
+        # here has a real [CLS] at position 0, so no query row is ever fully masked (no NaN rows).
+        mask = attn_mask[:, None, None, :] if attn_mask is not None else None  # (B, 1, 1, T)
+        manual = self.mode == "manual" or (self.mode == "auto" and q.is_cpu and q.dtype != torch.float32)
+        if manual:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, T)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = att.softmax(dim=-1) @ v  # (B, H, T, Dh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_ratio * cfg.width)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.width, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as in ViT/BERT/FLAVA
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). FLAVA §3.4 chose
+    pre-norm because it stays stable at lr 1e-3 where BERT's post-norm does not."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))  # (B, T, D)
+
+
+class Transformer(nn.Module):
+    """A stack of blocks plus the final LayerNorm. Returns both the last hidden states *before*
+    the final LN (what the multimodal encoder consumes, FLAVA §3.1) and the normalised output."""
+
+    def __init__(self, cfg: ModelConfig, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.grad_ckpt = cfg.grad_ckpt
+
+    def forward(self, x, attn_mask=None):
+        for block in self.blocks:
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
+        return x, self.ln_f(x)  # (B, T, D) pre-LN, (B, T, D) post-LN
+
+
+# ---------------------------------------------------------------------------------------------
+# The three encoders
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvStem(nn.Module):
+    """Patch embedding by a few stride-2 convs with kernel = stride, ending at the patch grid.
+
+    Early convolutions make small ViTs learn shape much sooner (Xiao et al., arXiv 2106.14881).
+    Kernel = stride keeps every patch's embedding a function of that patch's pixels alone, exactly
+    like the paper's linear patch embedding, so a masked or dropped patch leaks nothing into its
+    neighbours. Channels double per stage, from D / 2**(stages-1) up to D."""
+
+    @staticmethod
+    def channels(cfg: ModelConfig):
+        stages = int(math.log2(cfg.patch_size))
+        return [3] + [max(cfg.width >> (stages - i), 16) for i in range(1, stages)] + [cfg.width]
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chans, stages = self.channels(cfg), int(math.log2(cfg.patch_size))
+        layers = []
+        for i in range(stages):
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], kernel_size=2, stride=2))
+            if i < stages - 1:
+                layers.append(nn.GELU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.net(images)  # (B, D, G, G)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # FLAVA normalises images with CLIP's statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageEncoder(nn.Module):
+    """ViT over patches with [CLS_I] and learned positions; BEiT masking and FLIP dropping.
+    Takes pixels in [0, 1] (the dVAE's input too) and normalises them itself."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        p, D = cfg.patch_size, cfg.width
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.patch_embed = ConvStem(cfg) if cfg.stem == "conv" else nn.Conv2d(3, D, kernel_size=p, stride=p)
+        # FLAVA's public implementations start these three at zero.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.transformer = Transformer(cfg, cfg.image_layers)
+
+    def forward(self, images, patch_masked=None, keep_idx=None):
+        """images (B, 3, S, S) in [0, 1]; patch_masked (B, P) bool: BEiT replacement by the mask
+        token; keep_idx (B, K) long: FLIP keeps only these patches. Returns pre-LN and post-LN states."""
+        images = (images - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
+        B, P, D = x.shape
+        if patch_masked is not None:
+            # BEiT: a masked patch's embedding is *replaced* before positions are added, so the
+            # model still knows where the hidden patch is and must say what it was.
+            x = torch.where(patch_masked[..., None], self.mask_token.to(x.dtype), x)  # (B, P, D)
+        x = x + self.pos_embed[:, 1:]  # (B, P, D)
+        if keep_idx is not None:
+            # FLIP/MAE: positions are added first, then the dropped patches leave the sequence,
+            # so each kept token carries its own place and the encoder pays only for K tokens.
+            x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, D))  # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+        return self.transformer(torch.cat([cls, x], dim=1))  # 2 x (B, N, D)
+
+
+class TextEncoder(nn.Module):
+    """The same transformer over word pieces: word + position embeddings, LayerNorm (BERT's
+    embedding), [CLS] at position 0 is the text's [CLS_T]; padding is never attended."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.text_len, cfg.width))
+        self.ln_embed = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.transformer = Transformer(cfg, cfg.text_layers)
+
+    def forward(self, ids, attn_mask):
+        """ids (B, L) long, attn_mask (B, L) bool (True on real tokens)."""
+        x = self.ln_embed(self.word_embed(ids) + self.pos_embed[:, : ids.size(1)])  # (B, L, D)
+        return self.transformer(x, attn_mask)  # 2 x (B, L, D)
+
+
+class MultimodalEncoder(nn.Module):
+    """Fuses the two modalities (FLAVA §3.1): each unimodal state goes through its own Linear,
+    the lists are concatenated behind a learned [CLS_M], and self-attention mixes them. Output
+    index map: 0 = CLS_M, 1 = CLS_I, 2 .. 1+P = patches, the last L = text."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image_to_mm = nn.Linear(cfg.width, cfg.width)
+        self.text_to_mm = nn.Linear(cfg.width, cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.transformer = Transformer(cfg, cfg.mm_layers)
+
+    def forward(self, image_hidden, text_hidden, text_attn_mask):
+        """image_hidden (B, N, D), text_hidden (B, L, D): pre-final-LN states; text_attn_mask (B, L)."""
+        B, N, _ = image_hidden.shape
+        cls = self.cls_token.expand(B, -1, -1).to(image_hidden.dtype)  # (B, 1, D)
+        x = torch.cat([cls, self.image_to_mm(image_hidden), self.text_to_mm(text_hidden)], dim=1)  # (B, M, D)
+        # Text padding stays masked in the fusion too (TorchMultimodal forgets it, issue #530).
+        real = torch.ones(B, 1 + N, dtype=torch.bool, device=x.device)  # (B, 1 + N)
+        return self.transformer(x, torch.cat([real, text_attn_mask], dim=1))[1]  # (B, M, D) post-LN
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------
+
+
+class MaskedPredictionHead(nn.Module):
+    """Linear -> GELU -> LayerNorm -> Linear to the vocabulary (BERT's MLM head). FLAVA has four
+    of these and ties none of them to an embedding."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.ln = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.decoder = nn.Linear(cfg.width, vocab)
+
+    def forward(self, x):
+        return self.decoder(self.ln(F.gelu(self.dense(x))))  # (..., vocab)
+
+
+class ITMHead(nn.Module):
+    """Image-text matching: BERT-style pooler (Linear + tanh) on CLS_M, then two logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pooler = nn.Linear(cfg.width, cfg.width)
+        self.classifier = nn.Linear(cfg.width, 2)
+
+    def forward(self, cls_m):
+        return self.classifier(torch.tanh(self.pooler(cls_m)))  # (B, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLAVA
+# ---------------------------------------------------------------------------------------------
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
+LOGIT_SCALE_MAX = math.log(100.0)  # clamp to [0, ln 100]: the scale stays in [1, 100]
+
+
+class FLAVA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.mm_encoder = MultimodalEncoder(cfg)
+        # Global contrastive (§3.2): token 0 of each final-LN output -> Linear -> L2 normalise.
+        self.image_projection = nn.Linear(cfg.width, cfg.embed_dim)
+        self.text_projection = nn.Linear(cfg.width, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        # Masked prediction (§3.2-3.3): unimodal MIM / MLM and multimodal MMM-image / MMM-text.
+        self.mim_head = MaskedPredictionHead(cfg, cfg.codebook_size)
+        self.mlm_head = MaskedPredictionHead(cfg, cfg.vocab_size)
+        self.mmm_image_head = MaskedPredictionHead(cfg, cfg.codebook_size)
+        self.mmm_text_head = MaskedPredictionHead(cfg, cfg.vocab_size)
+        self.itm_head = ITMHead(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        # BERT/ViT/FLAVA: N(0, 0.02) weights, zero biases, unit LayerNorms. The zero-initialised
+        # cls/pos/mask tokens keep their zeros (parameters, not modules, are not visited here).
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, TextEncoder):
+            nn.init.normal_(m.pos_embed, std=self.cfg.init_std)  # text positions are learned from N(0, 0.02) (BERT)
+
+    # The three encoders, exposed for the losses and for evaluation.
+    def encode_image(self, images, patch_masked=None, keep_idx=None):
+        return self.image_encoder(images, patch_masked, keep_idx)  # 2 x (B, N, D)
+
+    def encode_text(self, ids, attn_mask):
+        return self.text_encoder(ids, attn_mask)  # 2 x (B, L, D)
+
+    def encode_multimodal(self, image_hidden, text_hidden, text_attn_mask):
+        return self.mm_encoder(image_hidden, text_hidden, text_attn_mask)  # (B, M, D)
+
+    # Contrastive embeddings from a final-LN output; normalised in fp32 (fp16 normalise can NaN).
+    def image_embed(self, image_out):
+        return F.normalize(self.image_projection(image_out[:, 0]).float(), dim=-1)  # (B, E)
+
+    def text_embed(self, text_out):
+        return F.normalize(self.text_projection(text_out[:, 0]).float(), dim=-1)  # (B, E)
+
+    def image_embeddings(self, images):
+        """Unmasked, L2-normalised image embeddings for evaluation (FLIP: infer on the full image)."""
+        return self.image_embed(self.encode_image(images)[1])  # (B, E)
+
+    def text_embeddings(self, ids, attn_mask):
+        return self.text_embed(self.encode_text(ids, attn_mask)[1])  # (B, E)
+
+    def scale(self):
+        """exp(logit_scale), clamped so the multiplier stays in [1, 100]."""
+        return self.logit_scale.clamp(0, LOGIT_SCALE_MAX).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):  # after each optimizer step, as CLIP / open_clip do
+        self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny dVAE: its codebook indices are the targets of MIM and MMM-image
+# ---------------------------------------------------------------------------------------------
+
+
+class DVAE(nn.Module):
+    """A small discrete VAE in DALL-E's manner (arXiv 2102.12092 §2.1): a conv encoder to
+    per-cell codebook logits, a Gumbel-softmax relaxation that mixes codebook vectors, a conv
+    decoder back to pixels. Downsampling = patch size, so code (i, j) belongs to patch (i, j).
+    Images come in [0, 1] (no CLIP normalisation); reconstructions are sigmoid pixels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, C, n = cfg.dvae_hidden, cfg.codebook_size, cfg.dvae_layers
+        enc = []
+        for i in range(n):  # each 4x4 stride-2 conv halves the side: S -> S / 2**n = G
+            enc += [nn.Conv2d(3 if i == 0 else h, h, 4, stride=2, padding=1), nn.ReLU()]
+        self.encoder = nn.Sequential(*enc, nn.Conv2d(h, C, 1))  # 1x1 conv to codebook logits (DALL-E)
+        self.codebook = nn.Embedding(C, cfg.dvae_code_dim)
+        dec = [nn.Conv2d(cfg.dvae_code_dim, h, 1)]
+        for i in range(n):  # mirror: each transposed conv doubles the side back to S
+            dec += [nn.ReLU(), nn.ConvTranspose2d(h, 3 if i == n - 1 else h, 4, stride=2, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, images01, tau: float):
+        """Training pass. images01 (B, 3, S, S) in [0, 1]; tau: Gumbel temperature (annealed 1 -> 1/16)."""
+        logits = self.encoder(images01)  # (B, C, G, G)
+        soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)  # (B, C, G, G), relaxed one-hot
+        z = torch.einsum("bcgh,cd->bdgh", soft, self.codebook.weight)  # (B, code_dim, G, G)
+        return torch.sigmoid(self.decoder(z)), logits  # (B, 3, S, S), (B, C, G, G)
+
+    @torch.no_grad()
+    def codebook_indices(self, images01):
+        """Hard codes for MIM targets: argmax per cell, flattened row-major like the patches."""
+        return self.encoder(images01).argmax(dim=1).flatten(1)  # (B, P) long
+
+    @torch.no_grad()
+    def decode_indices(self, codes):
+        G = int(math.isqrt(codes.size(1)))
+        z = self.codebook(codes.view(-1, G, G)).permute(0, 3, 1, 2)  # (B, code_dim, G, G)
+        return torch.sigmoid(self.decoder(z))  # (B, 3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs per sample (for MFU): matmul FLOPs, 2 per multiply-accumulate, training = 3x forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _encoder_flops(cfg: ModelConfig, depth: int, tokens: int) -> float:
+    D, T = cfg.width, tokens
+    per_layer = 2 * T * (3 * D * D + D * D + 2 * cfg.mlp_ratio * D * D)  # qkv, proj, MLP
+    per_layer += 2 * 2 * T * T * D  # q @ k^T and att @ v
+    return depth * per_layer
+
+
+def _stem_flops(cfg: ModelConfig) -> float:
+    if cfg.stem == "linear":
+        return 2 * cfg.num_patches * 3 * cfg.patch_size**2 * cfg.width
+    chans = ConvStem.channels(cfg)  # kernel 2, stride 2: stage i has (S / 2**i)**2 outputs
+    return sum(2 * (cfg.image_size >> i) ** 2 * 4 * chans[i - 1] * chans[i] for i in range(1, len(chans)))
+
+
+def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
+                     mlm_prob: float = 0.15) -> float:
+    """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
+    the matmuls and convolutions that dominate (PaLM's MFU convention, arXiv 2204.02311 App. B):
+    the patch embedding, every encoder pass, the heads at the positions losses.py applies them
+    to, and the dVAE encoder's target pass (forward only, no gradient)."""
+    D, P, L, V, C = cfg.width, cfg.num_patches, cfg.text_len, cfg.vocab_size, cfg.codebook_size
+    K = max(1, round(P * keep_ratio))
+    n_img, n_txt = max(1, round(mask_ratio * P)), math.floor(mlm_prob * L) + 1  # as losses.FLAVALoss
+
+    def head(n, vocab):  # dense D x D, then the decoder D x vocab, at n positions
+        return 2 * n * (D * D + D * vocab)
+
+    def image(tokens):
+        return _stem_flops(cfg) + _encoder_flops(cfg, cfg.image_layers, tokens)
+
+    h, n = cfg.dvae_hidden, cfg.dvae_layers
+    dvae = 2 * (sum((cfg.image_size >> (i + 1)) ** 2 * 16 * (3 if i == 0 else h) * h for i in range(n)) + P * h * C)
+    text = _encoder_flops(cfg, cfg.text_layers, L)
+    if source == "images":
+        return 3 * (image(1 + P) + head(n_img, C)) + dvae
+    if source == "texts":
+        return 3 * (text + head(n_txt, V))
+    if source != "pairs":
+        raise ValueError(f"unknown source {source!r}")
+    contrastive = image(1 + K) + text + 2 * 2 * D * cfg.embed_dim  # both towers + both projections
+    masked = image(1 + P) + text + 2 * (1 + P + L) * D * D  # both encoders again + image_to_mm / text_to_mm
+    masked += _encoder_flops(cfg, cfg.mm_layers, 2 + P + L) + head(n_img, C) + head(n_txt, V)
+    masked += 2 * (D * D + 2 * D)  # ITM pooler + classifier
+    return 3 * (contrastive + masked) + dvae
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a checkpoint (shared by train.py --resume and eval.py)
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_KEYS = ("format", "model", "dvae", "model_cfg", "step", "vocab")
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a nanoFLAVA checkpoint *safely*: `weights_only=True` unpickles tensors and plain
+    containers only, so a file carrying a pickled object with code is refused, not executed."""
+    import pickle  # only for the exception type
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it holds pickled objects beyond tensors and plain "
+                         f"containers (possibly code), which weights_only=True forbids ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or ckpt.get("format") != "nanoflava-1":
+        raise ValueError(f"{path} is not a nanoFLAVA checkpoint (missing {missing or 'format=nanoflava-1'})")
+    return ckpt
+
+
+def load_state(module: nn.Module, state: dict, what: str):
+    """load_state_dict with a message that names every mismatching shape (another preset?)."""
+    own = module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or unexpected:
+        raise ValueError(f"{what} does not fit this model config; shape mismatches: {bad[:6]}, missing: "
+                         f"{missing[:6]}, unexpected: {unexpected[:6]}")
+    module.load_state_dict(state)
+
+
+def models_from_checkpoint(ckpt: dict, device="cpu"):
+    """FLAVA and its frozen dVAE rebuilt from the config stored in the checkpoint itself."""
+    cfg = ModelConfig(**ckpt["model_cfg"])
+    model, dvae = FLAVA(cfg), DVAE(cfg)
+    load_state(model, ckpt["model"], "checkpoint model weights")
+    load_state(dvae, ckpt["dvae"], "checkpoint dVAE weights")
+    return model.to(device), dvae.to(device).requires_grad_(False).eval()

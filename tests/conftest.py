@@ -1,0 +1,33 @@
+"""Shared test setup: the repository root on sys.path and a small model config.
+
+The chapters are imported lazily (inside the fixture), so a half-edited model.py breaks only
+the tests that use it, not the collection of the whole suite.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# One intra-op thread: the models here are tiny, and on a shared 2-core machine two OpenMP threads that
+# compete with another process spin and stall (measured: the same 150 steps took 2.5 s or 44 s).
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# A model small enough that a forward + backward takes milliseconds on a 2-core CPU, yet with a
+# 4 x 4 patch grid, padding room in the text and vocabularies of different sizes (V != C), so an
+# index or head mix-up shows.
+SMALL = dict(image_size=32, patch_size=8, dvae_layers=3, width=32, heads=2, image_layers=2, text_layers=2,
+             mm_layers=1, vocab_size=100, text_len=12, embed_dim=16, codebook_size=64, dvae_hidden=16,
+             dvae_code_dim=8)
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The `tiny` preset shrunk to SMALL (width 32, 2 + 2 + 1 layers, 32 px, 4 x 4 grid)."""
+    from model import ModelConfig
+
+    return ModelConfig.from_preset("tiny", **SMALL)

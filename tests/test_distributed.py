@@ -1,0 +1,162 @@
+"""Multi-process test of the global contrastive loss (FLAVA §3.2): W gloo processes with n pairs each must
+give the loss and the (DDP-averaged) gradients of one process with the whole batch of W * n pairs.
+
+The towers are the real ones (FLAVA.encode_image with FLIP keep-indices, encode_text with padding,
+image_embed / text_embed, logit_scale), in float64 except the contrastive head itself, which
+model.py / losses.py deliberately run in fp32 (design.md §4) -- hence tolerances of ~1e-5, not 1e-12.
+The negative control, CLIP's local backprop (no gradient through the gather), must *fail* the same
+comparison. Recipe: shared/research/flip_contrastive_masking_facts.md §3.5.
+
+    python -m pytest tests/test_distributed.py
+"""
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import losses
+import masking
+from model import FLAVA, ModelConfig
+
+CFG = dict(image_size=16, patch_size=4, dvae_layers=2, width=32, heads=2, image_layers=1, text_layers=1,
+           mm_layers=1, vocab_size=50, text_len=8, embed_dim=16, codebook_size=16,
+           # With FLAVA's N(0, 0.02) every caption (and image) starts with nearly the same embedding: the loss
+           # sits at ln(8), the gradients are ~1e-4 and fp32 rounding alone moves them by 1e-3 (measured by
+           # permuting the batch). std 0.2 spreads the embeddings (loss ~4.1) and the rounding floor drops to 4e-7.
+           init_std=0.2)
+N_GLOBAL = 8  # global batch: W = 2 -> 4 per rank, W = 4 -> 2 per rank
+
+
+def build_model(state=None):
+    model = FLAVA(ModelConfig.from_preset("tiny", **CFG)).double()
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def global_batch():
+    """A fixed batch of N_GLOBAL pairs: images, FLIP keep-indices, captions with padding."""
+    g = torch.Generator().manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", **CFG)
+    images = torch.rand(N_GLOBAL, 3, cfg.image_size, cfg.image_size, generator=g, dtype=torch.float64)
+    keep_idx = masking.random_keep(N_GLOBAL, cfg.num_patches, 0.5, generator=g)  # (N, K)
+    L = cfg.text_len
+    ids = torch.randint(5, cfg.vocab_size, (N_GLOBAL, L), generator=g)
+    lens = torch.randint(3, L + 1, (N_GLOBAL,), generator=g)
+    attn = torch.arange(L)[None] < lens[:, None]
+    ids[:, 0] = 2
+    ids[torch.arange(N_GLOBAL), lens - 1] = 3
+    ids[~attn] = 0
+    return images, keep_idx, ids, attn
+
+
+def gc_loss(model, images, keep_idx, ids, attn, backprop):
+    """The contrastive pass of losses.FLAVALoss.pairs, with the keep-indices given instead of drawn."""
+    image_emb = model.image_embed(model.encode_image(images, keep_idx=keep_idx)[1])  # (n, E)
+    text_emb = model.text_embed(model.encode_text(ids, attn)[1])  # (n, E)
+    return losses.contrastive_loss(image_emb, text_emb, model.logit_scale, backprop)
+
+
+def initial_state():
+    torch.manual_seed(0)
+    model = build_model()
+    with torch.no_grad():  # zero-initialised tokens would leave the FLIP positions untested
+        for p in (model.image_encoder.cls_token, model.image_encoder.pos_embed):
+            p.normal_(std=0.5)
+        model.logit_scale.fill_(3.0)
+    return model.state_dict()
+
+
+def reference(state):
+    """One process, the whole batch: loss and gradients."""
+    model = build_model(state)
+    loss = gc_loss(model, *global_batch(), backprop="global")
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank, world, port, state, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        n = N_GLOBAL // world
+        local = [t[rank * n : (rank + 1) * n] for t in global_batch()]  # contiguous slice, like a DistributedSampler
+        results = {}
+        for backprop in ("global", "local"):
+            model = build_model(state)
+            loss = gc_loss(model, *local, backprop=backprop)
+            loss.backward()
+            grads = {}
+            for name, p in model.named_parameters():  # DDP: all-reduce SUM, divide by W
+                if p.grad is not None:
+                    g = p.grad.clone()
+                    dist.all_reduce(g)
+                    grads[name] = g / world
+            rank_losses = [torch.zeros((), dtype=loss.dtype) for _ in range(world)]
+            dist.all_gather(rank_losses, loss.detach())
+            results[backprop] = ([x.item() for x in rank_losses], grads)
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world, state, out_path, timeout=90):
+    # fork: the children inherit the imported modules instead of importing torch again (~2 s each on a
+    # loaded 2-core machine); each one only builds a tiny model and runs one forward/backward.
+    ctx = mp.start_processes(_worker, args=(world, free_port(), state, str(out_path)), nprocs=world, join=False,
+                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish within {timeout} s")
+    return torch.load(out_path, weights_only=True)
+
+
+def max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_ranks_match_one_big_batch(world, tmp_path):
+    """W ranks x n pairs == one process x W n pairs: mean rank loss and DDP-averaged gradients of every
+    parameter (towers, projections, logit_scale); CLIP's no-gradient gather must fail the same check."""
+    state = initial_state()
+    ref_loss, ref_grads = reference(state)
+    results = run_ranks(world, state, tmp_path / "ranks.pt")
+
+    rank_losses, grads = results["global"]
+    assert len(rank_losses) == world
+    assert sum(rank_losses) / world == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and "logit_scale" in grads
+    assert "image_encoder.pos_embed" in grads and "text_encoder.word_embed.weight" in grads
+    for name, g in ref_grads.items():
+        assert max_rel_err(grads[name], g) < 1e-5, name  # measured ~2e-7
+
+    # Negative control: the same forward (same losses), but each rank's embeddings only get the gradient of
+    # its own rows, so the tower gradients point elsewhere. logit_scale is local to every rank: still exact.
+    rank_losses, grads = results["local"]
+    assert sum(rank_losses) / world == pytest.approx(ref_loss, rel=1e-6)
+    for name in ("image_projection.weight", "text_projection.weight", "image_encoder.pos_embed"):
+        assert max_rel_err(grads[name], ref_grads[name]) > 0.1, name  # measured 0.4-1.0
+    assert max_rel_err(grads["logit_scale"], ref_grads["logit_scale"]) < 1e-5
+
+
+def test_gather_with_grad_is_identity_in_one_process():
+    """Without a process group the gathers are the identity (one process = the whole batch)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    assert losses.gather_with_grad(x) is x
+    assert losses.gather_no_grad(x) is x

@@ -1,0 +1,539 @@
+"""Tests for model.py: shapes, config validation, attention parity, padding, BEiT masking and FLIP
+dropping inside the image encoder, the multimodal index map, the dVAE's grid, FLOPs.
+
+    python -m pytest tests/test_model.py
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import losses
+import masking
+from model import DVAE, FLAVA, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, ModelConfig, flops_per_sample
+
+CLS, SEP, PAD = 2, 3, 0  # the tokenizer's special ids ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)
+SPECIALS = (0, 1, 2, 3, 4)
+
+
+def rand_images(B, S, seed=0):
+    return torch.rand(B, 3, S, S, generator=torch.Generator().manual_seed(seed))  # (B, 3, S, S) in [0, 1]
+
+
+def rand_text(B, L, V, seed=0, min_len=3):
+    """[CLS] words [SEP] [PAD]...: ids (B, L) and attn (B, L) bool, lengths drawn in [min_len, L]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIALS), V, (B, L), generator=g)
+    lens = torch.randint(min_len, L + 1, (B,), generator=g)
+    lens[0] = min_len  # at least one row with plenty of padding
+    attn = torch.arange(L)[None] < lens[:, None]  # (B, L)
+    ids[:, 0] = CLS
+    ids[torch.arange(B), lens - 1] = SEP
+    ids[~attn] = PAD
+    return ids, attn
+
+
+def patch_slices(k, G, p):
+    """Pixel rows / cols of patch k in row-major order (the layout of every (B, P) tensor)."""
+    r, c = divmod(int(k), G)
+    return slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p)
+
+
+def randomize_zero_inits(model, seed=0):
+    """cls / pos / mask tokens start at zero, which would hide any mix-up of them: make them random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (model.image_encoder.cls_token, model.image_encoder.pos_embed, model.image_encoder.mask_token,
+                  model.mm_encoder.cls_token):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def capture_transformer_input(model):
+    """Record the token sequence that enters the image encoder's transformer (after embedding)."""
+    seen = []
+    handle = model.image_encoder.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    return seen, handle
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+
+
+def test_tiny_preset_shapes_of_every_encoder_and_head():
+    """Every encoder, head and dVAE output of the real `tiny` preset has its documented shape (M = 1 + N + L)."""
+    cfg = ModelConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    model, dvae = FLAVA(cfg).eval(), DVAE(cfg).eval()
+    B, P, L, D, G = 2, cfg.num_patches, cfg.text_len, cfg.width, cfg.grid
+    V, C, E = cfg.vocab_size, cfg.codebook_size, cfg.embed_dim
+    images = rand_images(B, cfg.image_size)
+    ids, attn = rand_text(B, L, V)
+    with torch.no_grad():
+        hidden, out = model.encode_image(images)
+        assert hidden.shape == out.shape == (B, 1 + P, D)
+        assert model.encode_image(images, patch_masked=torch.rand(B, P) < 0.4)[1].shape == (B, 1 + P, D)  # BEiT keeps N
+        K = masking.num_kept(P, 0.25)
+        kept = model.encode_image(images, keep_idx=masking.random_keep(B, P, 0.25))
+        assert kept[0].shape == kept[1].shape == (B, 1 + K, D)  # FLIP shrinks N to 1 + K
+        t_hidden, t_out = model.encode_text(ids, attn)
+        assert t_hidden.shape == t_out.shape == (B, L, D)
+        mm = model.encode_multimodal(hidden, t_hidden, attn)
+        assert mm.shape == (B, 1 + (1 + P) + L, D)  # M = 1 + N + L
+        assert model.encode_multimodal(kept[0], t_hidden, attn).shape == (B, 1 + (1 + K) + L, D)
+        assert model.mim_head(out[:, 1:]).shape == (B, P, C)
+        assert model.mlm_head(t_out).shape == (B, L, V)
+        assert model.mmm_image_head(mm[:, 2 : 2 + P]).shape == (B, P, C)
+        assert model.mmm_text_head(mm[:, -L:]).shape == (B, L, V)
+        assert model.itm_head(mm[:, 0]).shape == (B, 2)
+        for emb in (model.image_embeddings(images), model.text_embeddings(ids, attn)):
+            assert emb.shape == (B, E) and emb.dtype == torch.float32
+            torch.testing.assert_close(emb.norm(dim=-1), torch.ones(B))
+        recon, logits = dvae(images, tau=1.0)
+        assert recon.shape == images.shape and logits.shape == (B, C, G, G)
+        assert 0 < recon.min() and recon.max() < 1  # sigmoid pixels
+        codes = dvae.codebook_indices(images)
+        assert codes.shape == (B, P) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < C
+        assert dvae.decode_indices(codes).shape == images.shape
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_base_preset_shapes_and_sizes_on_meta():
+    """The paper-sized `base` preset, built and run on the meta device (no memory, no FLOPs): ViT-B/16 sizes, shapes."""
+    cfg = ModelConfig.from_preset("base")
+    with torch.device("meta"):
+        model, dvae = FLAVA(cfg), DVAE(cfg)
+    D, P, L = 768, 196, 77
+    assert (cfg.grid, cfg.num_patches, cfg.heads, cfg.image_layers, cfg.text_layers, cfg.mm_layers) == (14, P, 12, 12,
+                                                                                                      12, 6)
+    # One pre-LN block: qkv 3D^2+3D, proj D^2+D, MLP 8D^2+5D, two LayerNorms 4D  ->  12 D^2 + 13 D.
+    block = 12 * D * D + 13 * D
+    assert _count(model.image_encoder.transformer.blocks[0]) == block
+    # timm's vit_base_patch16_224 without its classifier has 85,798,656 parameters; FLAVA adds a mask token.
+    assert _count(model.image_encoder) == 85_798_656 + D
+    assert _count(model.text_encoder) == 30522 * D + L * D + 2 * D + 12 * block + 2 * D  # words, positions, 2 LNs
+    assert _count(model.mm_encoder) == 2 * (D * D + D) + D + 6 * block + 2 * D
+    assert model.mim_head.decoder.weight.shape == (8192, D) and model.mlm_head.decoder.weight.shape == (30522, D)
+    assert model.image_projection.weight.shape == model.text_projection.weight.shape == (768, D)
+    assert model.image_encoder.pos_embed.shape == (1, 1 + P, D)
+    B = 2
+    images = torch.empty(B, 3, 224, 224, device="meta")
+    ids = torch.empty(B, L, dtype=torch.long, device="meta")
+    attn = torch.empty(B, L, dtype=torch.bool, device="meta")
+    hidden, out = model.encode_image(images)
+    t_hidden, _ = model.encode_text(ids, attn)
+    mm = model.encode_multimodal(hidden, t_hidden, attn)
+    assert hidden.shape == out.shape == (B, 197, D) and t_hidden.shape == (B, L, D)
+    assert mm.shape == (B, 1 + 197 + L, D)
+    kept = model.encode_image(images, keep_idx=torch.zeros(B, 98, dtype=torch.long, device="meta"))[1]
+    assert kept.shape == (B, 1 + 98, D)
+    assert model.itm_head(mm[:, 0]).shape == (B, 2) and model.image_embed(out).shape == (B, 768)
+    assert dvae.codebook_indices(images).shape == (B, P)
+
+
+def test_small_preset_image_encoder_is_vit_s16():
+    """`small` is ViT-S/16 sized: timm's vit_small_patch16_224 backbone (21,665,664) plus a mask token."""
+    with torch.device("meta"):
+        model = FLAVA(ModelConfig.from_preset("small"))
+    assert _count(model.image_encoder) == 21_665_664 + 384
+
+
+# ---------------------------------------------------------------------------------------------
+# config validation
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(image_size=60, patch_size=8), ["image_size", "patch_size"]),
+    (dict(width=100, heads=3), ["width", "heads"]),
+    (dict(image_size=64, patch_size=8, dvae_layers=2), ["dvae_layers"]),  # dVAE grid 16 != patch grid 8
+    (dict(attn="flash"), ["attn"]),
+    (dict(stem="resnet"), ["stem"]),
+    (dict(text_layers=0), ["text_layers"]),
+], ids=["image_vs_patch", "width_vs_heads", "dvae_grid", "attn", "stem", "depth"])
+def test_config_rejects_inconsistent_fields(kwargs, names):
+    """A bad config fails at construction with a ValueError that names the offending fields."""
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_preset("tiny", **kwargs)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_config_reports_all_problems_and_unknown_names():
+    """Several problems are reported together; unknown presets and override fields are named too."""
+    with pytest.raises(ValueError) as err:
+        ModelConfig(image_size=60, width=100, heads=3)
+    assert "image_size" in str(err.value) and "width" in str(err.value)
+    with pytest.raises(ValueError, match="gigantic"):
+        ModelConfig.from_preset("gigantic")
+    with pytest.raises(ValueError, match="widht"):
+        ModelConfig.from_preset("tiny", widht=64)
+    for name in ("tiny", "small", "base"):  # every preset is itself valid
+        ModelConfig.from_preset(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention paths and padding
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_sdpa_manual_and_auto_attention_agree(tiny_cfg, padding):
+    """The SDPA and the explicit-softmax paths give the same outputs (fp32 and fp64), with and without padding."""
+    torch.manual_seed(0)
+    models = {mode: FLAVA(dataclasses.replace(tiny_cfg, attn=mode)) for mode in ("sdpa", "manual", "auto")}
+    state = randomize_zero_inits(models["sdpa"]).state_dict()
+    B, L = 3, tiny_cfg.text_len
+    ids, attn = rand_text(B, L, tiny_cfg.vocab_size, seed=1)
+    if not padding:
+        attn = torch.ones_like(attn)
+    images = rand_images(B, tiny_cfg.image_size, seed=1)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        outs = {}
+        for mode, model in models.items():
+            model.load_state_dict(state)
+            model.to(dtype)
+            with torch.no_grad():
+                ih, io = model.encode_image(images.to(dtype))
+                th, to = model.encode_text(ids, attn)
+                outs[mode] = (io, to, model.encode_multimodal(ih, th, attn))
+        for mode in ("manual", "auto"):
+            for a, b in zip(outs["sdpa"], outs[mode]):
+                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("attn_mode", ["sdpa", "manual"])
+def test_padding_changes_no_output_of_real_tokens(tiny_cfg, attn_mode):
+    """Whatever sits at padded positions, every real token's output (text and multimodal) is unchanged."""
+    cfg = dataclasses.replace(tiny_cfg, attn=attn_mode)
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(cfg)).eval()
+    B, L = 4, cfg.text_len
+    ids, attn = rand_text(B, L, cfg.vocab_size, seed=2)
+    assert (~attn).any()
+    other = torch.where(attn, ids, torch.randint(0, cfg.vocab_size, ids.shape))  # new junk at the padding
+    assert (other != ids).any()
+    images = rand_images(B, cfg.image_size)
+    with torch.no_grad():
+        ih, _ = model.encode_image(images)
+        runs = []
+        for x in (ids, other):
+            th, to = model.encode_text(x, attn)
+            runs.append((to, model.encode_multimodal(ih, th, attn), model.text_embeddings(x, attn)))
+        (to1, mm1, e1), (to2, mm2, e2) = runs
+        torch.testing.assert_close(to1[attn], to2[attn], atol=1e-6, rtol=0)
+        real_mm = torch.cat([torch.ones(B, mm1.size(1) - L, dtype=torch.bool), attn], dim=1)  # (B, M)
+        torch.testing.assert_close(mm1[real_mm], mm2[real_mm], atol=1e-6, rtol=0)
+        torch.testing.assert_close(e1, e2, atol=1e-6, rtol=0)
+        # Also directly on the fusion: junk text states at padded positions change nothing real.
+        th, _ = model.encode_text(ids, attn)
+        junk = torch.where(attn[..., None], th, 100 * torch.randn_like(th))
+        torch.testing.assert_close(model.encode_multimodal(ih, junk, attn)[real_mm], mm1[real_mm], atol=1e-5, rtol=0)
+        # Control: the same change at a *real* position does change the outputs.
+        changed = ids.clone()
+        changed[:, 1] = (ids[:, 1] + 1 - 5) % (cfg.vocab_size - 5) + 5
+        assert not torch.allclose(model.encode_text(changed, attn)[1][attn], to1[attn], atol=1e-4)
+
+
+def test_grad_checkpointing_matches_plain_backward(tiny_cfg):
+    """grad_ckpt recomputes blocks in backward: same loss and same gradients as the plain path."""
+    torch.manual_seed(0)
+    plain = FLAVA(tiny_cfg)
+    ckpt = FLAVA(dataclasses.replace(tiny_cfg, grad_ckpt=True))
+    ckpt.load_state_dict(plain.state_dict())
+    ids, attn = rand_text(2, tiny_cfg.text_len, tiny_cfg.vocab_size)
+    images = rand_images(2, tiny_cfg.image_size)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        ih, io = model.encode_image(images)
+        th, _ = model.encode_text(ids, attn)
+        loss = model.encode_multimodal(ih, th, attn).square().mean() + io.square().mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# init, embeddings, logit scale, multimodal index map
+
+
+def test_initialisation_follows_flava(tiny_cfg):
+    """N(0, 0.02) weights, zero biases, unit LayerNorms, zero image tokens, CLIP's logit scale."""
+    torch.manual_seed(0)
+    model = FLAVA(dataclasses.replace(tiny_cfg, width=128))
+    w = model.text_encoder.transformer.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert model.text_encoder.word_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert (model.image_encoder.transformer.blocks[0].attn.qkv.bias == 0).all()
+    assert (model.mm_encoder.transformer.ln_f.weight == 1).all()
+    for p in (model.image_encoder.cls_token, model.image_encoder.pos_embed, model.image_encoder.mask_token,
+              model.mm_encoder.cls_token):
+        assert (p == 0).all()
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07)) == LOGIT_SCALE_INIT
+
+
+def test_encoders_return_pre_and_post_final_layernorm(tiny_cfg):
+    """encode_* return (pre-LN, post-LN): the fusion must get index 0, the embeddings index 1 (FLAVA §3.1)."""
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(tiny_cfg))
+    images = rand_images(2, tiny_cfg.image_size)
+    ids, attn = rand_text(2, tiny_cfg.text_len, tiny_cfg.vocab_size)
+    with torch.no_grad():
+        ih, io = model.encode_image(images)
+        th, to = model.encode_text(ids, attn)
+        torch.testing.assert_close(io, model.image_encoder.transformer.ln_f(ih))
+        torch.testing.assert_close(to, model.text_encoder.transformer.ln_f(th))
+        assert not torch.allclose(ih, io)
+        # Contrastive embeddings: token 0 of the final-LN output -> projection -> L2 normalise.
+        torch.testing.assert_close(model.image_embeddings(images),
+                                   F.normalize(model.image_projection(io[:, 0]), dim=-1))
+        torch.testing.assert_close(model.text_embeddings(ids, attn),
+                                   F.normalize(model.text_projection(to[:, 0]), dim=-1))
+
+
+def test_multimodal_index_map(tiny_cfg):
+    """Output index map of the fusion: 0 = CLS_M, 1 .. N = image tokens (CLS_I first), last L = text."""
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(tiny_cfg))
+    mm = model.mm_encoder
+    with torch.no_grad():  # make every block the identity: no attention or MLP output gets added
+        for block in mm.transformer.blocks:
+            for lin in (block.attn.proj, block.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    B, N, L, D = 2, 1 + tiny_cfg.num_patches, tiny_cfg.text_len, tiny_cfg.width
+    image_hidden, text_hidden = torch.randn(B, N, D), torch.randn(B, L, D)
+    attn = torch.ones(B, L, dtype=torch.bool)
+    with torch.no_grad():
+        out = model.encode_multimodal(image_hidden, text_hidden, attn)
+        ln = mm.transformer.ln_f
+        assert out.shape == (B, 1 + N + L, D)
+        torch.testing.assert_close(out[:, 0], ln(mm.cls_token[:, 0]).expand(B, D))
+        torch.testing.assert_close(out[:, 1 : 1 + N], ln(mm.image_to_mm(image_hidden)))
+        torch.testing.assert_close(out[:, -L:], ln(mm.text_to_mm(text_hidden)))
+
+
+def test_logit_scale_is_clamped_to_ln100(tiny_cfg):
+    """scale() stays in [1, 100] and clamp_logit_scale_ puts the parameter back in [0, ln 100]."""
+    model = FLAVA(tiny_cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(7.0)
+    assert model.scale().item() == pytest.approx(100.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
+    with torch.no_grad():
+        model.logit_scale.fill_(-3.0)
+    assert model.scale().item() == pytest.approx(1.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# BEiT masking and FLIP dropping inside the image encoder
+
+
+@pytest.mark.parametrize("stem", ["conv", "linear"])
+def test_flip_drops_patches_after_positions_are_added(tiny_cfg, stem):
+    """FLIP: kept tokens carry their *own* positions, [CLS_I] is always first, dropped pixels leak nowhere."""
+    cfg = dataclasses.replace(tiny_cfg, stem=stem)
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(cfg)).eval()
+    B, P, G, p = 3, cfg.num_patches, cfg.grid, cfg.patch_size
+    images = rand_images(B, cfg.image_size)
+    keep_idx = masking.random_keep(B, P, 0.5, generator=torch.Generator().manual_seed(3))  # (B, K)
+    seen, handle = capture_transformer_input(model)
+    with torch.no_grad():
+        full = model.encode_image(images)
+        kept = model.encode_image(images, keep_idx=keep_idx)
+        everything = model.encode_image(images, keep_idx=torch.arange(P).expand(B, P))
+    handle.remove()
+    x_full, x_kept, _ = seen  # (B, 1 + P, D), (B, 1 + K, D)
+    D = x_full.size(-1)
+    # The sequence that enters the transformer is the full one (positions included) gathered at 1 + keep_idx.
+    torch.testing.assert_close(x_kept[:, 0], x_full[:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(x_kept[:, 1:], x_full[:, 1:].gather(1, keep_idx[..., None].expand(-1, -1, D)),
+                               atol=0, rtol=0)
+    assert kept[1].shape == (B, 1 + keep_idx.size(1), cfg.width)
+    for a, b in zip(everything, full):  # keeping every patch is the unmasked encoder
+        torch.testing.assert_close(a, b)
+    # Pixels of dropped patches influence nothing (kernel = stride in both stems).
+    noisy = images.clone()
+    for b in range(B):
+        for k in sorted(set(range(P)) - set(keep_idx[b].tolist())):
+            rows, cols = patch_slices(k, G, p)
+            noisy[b, :, rows, cols] = torch.rand(3, p, p)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(noisy, keep_idx=keep_idx)[1], kept[1], atol=0, rtol=0)
+        assert not torch.allclose(model.encode_image(noisy)[1], full[1])  # control: they matter when kept
+
+
+@pytest.mark.parametrize("stem", ["conv", "linear"])
+def test_beit_mask_token_replaces_patches_before_positions(tiny_cfg, stem):
+    """BEiT: a masked patch becomes mask_token + its position (length unchanged) and its pixels influence nothing."""
+    cfg = dataclasses.replace(tiny_cfg, stem=stem)
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(cfg)).eval()
+    enc = model.image_encoder
+    B, P, G, p = 3, cfg.num_patches, cfg.grid, cfg.patch_size
+    images = rand_images(B, cfg.image_size)
+    patch_masked = masking.block_mask(B, G, 6, 2, generator=torch.Generator().manual_seed(1))  # (B, P)
+    patch_masked[0] = False
+    patch_masked[0, 1 * G + 2] = True  # row 1, column 2: a row-/column-major mix-up would hit another patch
+    seen, handle = capture_transformer_input(model)
+    with torch.no_grad():
+        full = model.encode_image(images)
+        masked = model.encode_image(images, patch_masked=patch_masked)
+    handle.remove()
+    x_full, x_masked = seen
+    assert masked[1].shape == full[1].shape == (B, 1 + P, cfg.width)
+    expected = (enc.mask_token + enc.pos_embed[:, 1:]).expand(B, -1, -1)  # (B, P, D)
+    torch.testing.assert_close(x_masked[:, 1:][patch_masked], expected[patch_masked])
+    torch.testing.assert_close(x_masked[:, 1:][~patch_masked], x_full[:, 1:][~patch_masked], atol=0, rtol=0)
+    torch.testing.assert_close(x_masked[:, 0], x_full[:, 0], atol=0, rtol=0)
+    noisy = images.clone()
+    for b, k in patch_masked.nonzero().tolist():
+        rows, cols = patch_slices(k, G, p)
+        noisy[b, :, rows, cols] = torch.rand(3, p, p)
+    with torch.no_grad():
+        for a, b in zip(model.encode_image(noisy, patch_masked=patch_masked), masked):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert not torch.allclose(model.encode_image(noisy)[1], full[1])  # control: unmasked, the pixels matter
+
+
+# ---------------------------------------------------------------------------------------------
+# the dVAE's grid
+
+
+def _dvae(cfg, seed=0):
+    """A random dVAE whose codes vary: with PyTorch's default init the bias of the last 1x1 conv
+    dominates and almost every cell gets the same code, which would make code comparisons vacuous."""
+    torch.manual_seed(seed)
+    dvae = DVAE(cfg).eval()
+    with torch.no_grad():
+        dvae.encoder[-1].bias.zero_()
+    return dvae
+
+
+def test_dvae_codes_are_centred_on_their_patch_in_row_major_order():
+    """Perturbing patch (i, j) changes the codes of a neighbourhood centred on (i, j), at flat index i * G + j."""
+    cfg = ModelConfig.from_preset("tiny", width=32, heads=2, codebook_size=32, dvae_hidden=16)  # 64 px, 8 x 8 grid
+    dvae = _dvae(cfg)
+    G, p = cfg.grid, cfg.patch_size
+    images = rand_images(1, cfg.image_size)
+    i, j = 2, 5
+    rows, cols = patch_slices(i * G + j, G, p)
+    bright = images.clone()
+    bright[:, :, rows, cols] = 1.0 - bright[:, :, rows, cols]
+    with torch.no_grad():
+        delta = (dvae.encoder(bright) - dvae.encoder(images)).abs().amax(dim=(0, 1))  # (G, G)
+    changed = (delta > 1e-6).nonzero().float()  # cells whose logits moved
+    assert delta[i, j] > 0
+    centre = (changed.min(0).values + changed.max(0).values) / 2  # centre of the changed bounding box
+    assert centre.tolist() == [i, j]
+    # codebook_indices is the per-cell argmax flattened row-major, like the patches and masks.
+    a, b = dvae.codebook_indices(images), dvae.codebook_indices(bright)
+    torch.testing.assert_close(a, dvae.encoder(images).argmax(1).view(1, G * G))
+    flat_changed = (a != b)[0].nonzero().flatten().tolist()
+    near = {r * G + c for r in range(i - 2, i + 3) for c in range(j - 2, j + 3)}
+    assert flat_changed and set(flat_changed) <= near
+
+
+def test_dvae_shift_by_one_patch_shifts_the_codes_by_one_cell():
+    """Translating the image by exactly patch_size pixels moves every interior code by one grid cell."""
+    cfg = ModelConfig.from_preset("tiny", width=32, heads=2, codebook_size=32, dvae_hidden=16)
+    dvae = _dvae(cfg)
+    S, p, G = cfg.image_size, cfg.patch_size, cfg.grid
+    wide = rand_images(2, S + p, seed=4)  # a bigger canvas, two crops one patch apart: no wrap-around
+    left, right = wide[:, :, :S, :S], wide[:, :, p:, p:]  # `left` sees the canvas one patch up and left of `right`
+    with torch.no_grad():
+        la, ra = dvae.encoder(left), dvae.encoder(right)
+    ca, cb = dvae.codebook_indices(left).view(2, G, G), dvae.codebook_indices(right).view(2, G, G)
+    # Cell (r, c) of `right` = cell (r + 1, c + 1) of `left`, wherever neither sees the zero padding.
+    inner = slice(1, G - 2)
+    torch.testing.assert_close(ra[:, :, inner, inner], la[:, :, 2 : G - 1, 2 : G - 1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(cb[:, inner, inner], ca[:, 2 : G - 1, 2 : G - 1])
+    assert not torch.equal(cb[:, inner, inner], ca[:, inner, inner])  # control: the codes are not all equal
+
+
+def test_dvae_gumbel_training_step(tiny_cfg):
+    """One Gumbel-softmax step of the dVAE runs and moves every part (encoder, codebook, decoder)."""
+    dvae = _dvae(tiny_cfg).train()
+    images = rand_images(4, tiny_cfg.image_size)
+    opt = torch.optim.Adam(dvae.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in dvae.named_parameters()}
+    recon, logits = dvae(images, tau=1 / 16)
+    out = losses.dvae_loss(recon, images, logits, kl_weight=0.1)
+    assert torch.isfinite(out["loss"]) and out["kl"] > 0
+    out["loss"].backward()
+    for name, param in dvae.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in dvae.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15):
+    """FLOPs that FlopCounterMode counts in one forward of the real FLAVA step, per sample, minus the dVAE pass."""
+    torch.manual_seed(0)
+    model, dvae = FLAVA(cfg), DVAE(cfg)
+    loss_fn = losses.FLAVALoss(model, dvae, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
+                                                              mlm_prob=mlm_prob), mask_id=4, special_ids=SPECIALS)
+    images = (rand_images(B, cfg.image_size) * 255).to(torch.uint8)
+    ids, attn = rand_text(B, cfg.text_len, cfg.vocab_size, min_len=cfg.text_len)  # no padding: L tokens each
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dvae.codebook_indices(images.float() / 255)
+    dvae_flops = counter.get_total_flops() / B
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss_fn(source, {"image": images, "ids": ids, "attn": attn}, seed=0)
+    total = counter.get_total_flops() / B
+    return total - (dvae_flops if source != "texts" else 0), dvae_flops
+
+
+@pytest.mark.parametrize("source", ["images", "texts", "pairs"])
+def test_flops_per_sample_matches_flop_counter(source):
+    """flops_per_sample / 3 equals the forward matmul FLOPs torch counts (linear stem, manual attention).
+
+    With the paper's linear patch embedding every counted term is exact; the only one the estimate leaves
+    out on purpose is the contrastive logits (2 x 2 B E per sample, batch-dependent), added here. SDPA on
+    the CPU is not seen by FlopCounterMode, hence attn='manual'. The dVAE term (forward only) must be exact.
+    text_len=16 makes the estimate's ceil(0.15 L) text-head positions equal the static bound floor(0.15 L) + 1
+    that losses.py really runs the head on (they differ by one when 0.15 L is an integer, e.g. L = 20)."""
+    cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=2, text_layers=2, mm_layers=1,
+                                  stem="linear", attn="manual", vocab_size=300, codebook_size=128, text_len=16)
+    B = 2
+    measured, dvae_flops = _measured_forward_flops(cfg, source, B=B)
+    estimate = flops_per_sample(cfg, source, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15)
+    dvae_term = dvae_flops if source != "texts" else 0
+    if source == "pairs":
+        measured -= 2 * 2 * B * cfg.embed_dim  # the B x B logits, outside the estimate
+    assert (estimate - dvae_term) / 3 == pytest.approx(measured, rel=1e-3)
+
+
+def test_flops_per_sample_with_conv_stem_is_close():
+    """With the conv stem (tiny's default) the patch term is only approximate: the estimate stays within 10%."""
+    cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=2, text_layers=2, mm_layers=1,
+                                  attn="manual", vocab_size=300, codebook_size=128, text_len=16)
+    measured, dvae_flops = _measured_forward_flops(cfg, "images")
+    assert (flops_per_sample(cfg, "images", mask_ratio=0.4) - dvae_flops) / 3 == pytest.approx(measured, rel=0.10)
+
+
+def test_flops_per_sample_monotone_in_keep_ratio():
+    """Keeping more patches costs more (pairs only); the other sources ignore keep_ratio; unknown source fails."""
+    for name in ("tiny", "base"):
+        cfg = ModelConfig.from_preset(name)
+        pairs = [flops_per_sample(cfg, "pairs", keep_ratio=r) for r in (0.1, 0.25, 0.5, 0.75, 1.0)]
+        assert all(a < b for a, b in zip(pairs, pairs[1:]))
+        for source in ("images", "texts"):
+            assert flops_per_sample(cfg, source, keep_ratio=0.25) == flops_per_sample(cfg, source, keep_ratio=1.0)
+    with pytest.raises(ValueError):
+        flops_per_sample(ModelConfig.from_preset("tiny"), "video")

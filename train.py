@@ -1,0 +1,461 @@
+"""How FLAVA is trained: the dVAE, then (optionally) unimodal pretraining, then joint FLAVA
+training with FLIP's patch dropping, then (optionally) FLIP's unmasked tuning.
+
+FLAVA (arXiv 2112.04482) §3.3-3.4: each update draws one whole batch from one source (pairs,
+images or texts; paper 0.70 / 0.15 / 0.15); AdamW (0.9, 0.999), weight decay 0.1, warmup then
+cosine, FP16 with FP32 LayerNorm. FLIP (arXiv 2212.00794) §3: drop patches in the contrastive
+pass, then tune briefly without dropping.
+
+    python train.py                                # the embedded default: tiny FLAVA on synthetic shapes, CPU, minutes
+    python train.py --help                         # every flag, grouped
+    torchrun --nproc_per_node=2 train.py           # the same on 2 processes (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
+    python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped
+
+Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt, eval.json.
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+from losses import FLAVALoss, LossConfig, codebook_stats, dvae_loss
+from model import DVAE, FLAVA, ModelConfig, flops_per_sample, load_checkpoint, load_state
+
+# ---------------------------------------------------------------------------------------------
+# Config: every field is a flag; its comment is its --help
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"  # model preset (tiny | small | base); model flags override its fields
+    out_dir: str = "out"  # where config.json, log.jsonl, dvae.pt, ckpt.pt and eval.json go
+    pairs: str = ""  # JSONL/CSV manifest of image-caption pairs; empty = the synthetic shapes world
+    images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
+    texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
+    vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
+    tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
+    seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
+    batch_size: int = 128  # global batch per step, split evenly over ranks
+    steps: int = 900  # joint FLAVA steps (stage 3)
+    lr: float = 2e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
+    min_lr: float = 1e-4  # end of the cosine
+    warmup: int = 60  # linear warmup steps of each stage (paper: 10,000)
+    weight_decay: float = 0.1  # AdamW decay on weight matrices only (paper: 0.1)
+    beta2: float = 0.98  # AdamW beta2 (paper: 0.999; 0.98 is steadier for short runs)
+    grad_clip: float = 1.0  # clip the global gradient norm (after unscaling)
+    p_pairs: float = 0.7  # share of steps drawing a paired batch (paper: 0.70)
+    p_images: float = 0.15  # share of image-only (MIM) steps (paper: 0.15)
+    p_texts: float = 0.15  # share of text-only (MLM) steps (paper: 0.15)
+    dvae_ckpt: str = ""  # a trained dvae.pt to reuse; stage 1 is skipped
+    dvae_steps: int = 300  # stage 1: dVAE training steps
+    dvae_lr: float = 3e-3  # stage 1 learning rate
+    dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
+    unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
+    unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
+    unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
+    dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
+    compile: bool = False  # torch.compile the step
+    workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
+    log_every: int = 25  # steps between log lines (the only host-device synchronisation)
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    eval: bool = True  # evaluate on held-out data at the end (eval.json)
+    eval_pairs: int = 1000  # retrieval set size for the end-of-run evaluation
+
+
+def _field_help(cls) -> dict:
+    """The `# comment` after each dataclass field, read from the source: one text, two uses."""
+    pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.*)$")
+    return {m[1]: m[2] for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv=None):
+    """CLI generated from TrainConfig, ModelConfig and LossConfig. Model flags default to the preset."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, cls in (("training", TrainConfig), ("model (defaults from --preset)", ModelConfig),
+                       ("losses", LossConfig)):
+        group, helps = parser.add_argument_group(title), _field_help(cls)
+        for f in fields(cls):
+            kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(str(f.type), None)
+            kind = kind or (f.type if callable(f.type) else str)
+            default = None if cls is ModelConfig else f.default
+            group.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(f.default).__name__.upper(),
+                               help=f"{helps.get(f.name, '')} (default: {'preset' if default is None else f.default})")
+    args = vars(parser.parse_args(argv))
+    train = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
+    overrides = {f.name: args[f.name] for f in fields(ModelConfig) if args[f.name] is not None}
+    loss = LossConfig(**{f.name: args[f.name] for f in fields(LossConfig)})
+    return train, overrides, loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed, precision, optimizer, schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process.
+    NCCL on CUDA, gloo on CPU (so every multi-process path is testable on a laptop)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world, device
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            name = "fp16"
+        else:  # bf16 autocast pays on CPUs with native bf16 (AVX512-BF16 / AMX): ~2x here
+            name = "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"--dtype={name!r} must be one of auto, fp16, bf16, fp32")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype=fp16 needs CUDA; use bf16 or fp32 on a CPU")
+    return table[name]
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW; weight decay only on weight matrices: never on norms, biases, embeddings, the
+    cls/pos/mask tokens or logit_scale (decay would pull the temperature towards 1)."""
+    no_decay_names = ("cls_token", "pos_embed", "mask_token", "word_embed", "logit_scale", "codebook")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or any(n in name for n in no_decay_names) else decay).append(p)
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(decay) + len(no_decay) == n_params, "every parameter must be in exactly one group"
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+def stages(cfg: TrainConfig):
+    """(name, first step, number of steps) of the stages that share the optimizer step counter."""
+    out, start = [], 0
+    for name, n in (("unimodal", cfg.unimodal_steps), ("joint", cfg.steps), ("unmasked", cfg.unmasked_steps)):
+        if n > 0:
+            out.append((name, start, n))
+            start += n
+    return out
+
+
+def lr_at(cfg: TrainConfig, stage: str, t: int, n: int) -> float:
+    """Linear warmup then cosine to min_lr within a stage; stage 4 is FLIP's small constant lr."""
+    if stage == "unmasked":
+        return cfg.unmasked_lr
+    if t < cfg.warmup:
+        return cfg.lr * (t + 1) / cfg.warmup
+    progress = (t - cfg.warmup) / max(1, n - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def stage_probs(cfg: TrainConfig, stage: str, available) -> dict:
+    probs = {"pairs": cfg.p_pairs, "images": cfg.p_images, "texts": cfg.p_texts}
+    if stage == "unimodal":
+        probs = {"images": 0.5, "texts": 0.5}
+    probs = {k: v for k, v in probs.items() if k in available and v > 0}
+    if not probs:
+        raise ValueError(f"stage {stage!r} has no source to draw from (available: {sorted(available)})")
+    return probs
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash mid-write leaves the
+    previous file intact (rename is atomic on POSIX)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):
+    """The sources a run draws from (files where given, else the synthetic shapes world) and the
+    tokenizer: from the checkpoint's vocabulary, a BERT vocab.txt, or built from the data's text."""
+    if cfg.pairs:
+        sources = {"pairs": data.FilePairs(cfg.pairs, mcfg.image_size, None, mcfg.text_len)}
+        if cfg.images:
+            sources["images"] = data.ImageFolder(cfg.images, mcfg.image_size)
+        if cfg.texts:
+            sources["texts"] = data.TextFile(cfg.texts, None, mcfg.text_len)
+        world, corpus = None, sources["pairs"].captions + (sources["texts"].lines[:200_000] if cfg.texts else [])
+    else:
+        world = data.ShapesWorld(image_size=mcfg.image_size, seed=cfg.seed)
+        sources = {"pairs": data.SyntheticPairs(world, "train", None, mcfg.text_len),
+                   "images": data.SyntheticImages(world, "train"),
+                   "texts": data.SyntheticTexts(world, "train", None, mcfg.text_len)}
+        corpus = world.vocabulary()
+    if vocab is not None:
+        tokenizer = data.Tokenizer(vocab)
+    elif cfg.vocab:
+        tokenizer = data.Tokenizer.from_vocab_file(cfg.vocab)
+    else:
+        tokenizer = data.Tokenizer.from_corpus(corpus, vocab_size=cfg.tokenizer_size)
+    for source in sources.values():
+        if hasattr(source, "tokenizer"):
+            source.tokenizer = tokenizer
+    return sources, world, tokenizer
+
+
+def loader_for(cfg, mixture, probs, rank, world_size, start_step, device):
+    sizes = {k: len(v) for k, v in mixture.sources.items()}
+    sampler = data.MixtureBatchSampler(sizes, probs, cfg.batch_size, rank, world_size, cfg.seed, start_step)
+    workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 0)
+    return iter(data.make_loader(mixture, sampler, num_workers=workers, pin_memory=device.type == "cuda"))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the dVAE (DALL-E §2.1: Gumbel-softmax, temperature 1 -> 1/16, KL to uniform)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log):
+    dvae = DVAE(mcfg).to(device)
+    if world_size > 1:
+        dvae_ddp = DDP(dvae)
+    opt = torch.optim.AdamW(dvae.parameters(), lr=cfg.dvae_lr, weight_decay=0.0)
+    source = "images" if "images" in mixture.sources else "pairs"
+    batches = loader_for(cfg, mixture, {source: 1.0}, rank, world_size, 0, device)
+    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: dVAE", disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        t = step / max(1, cfg.dvae_steps - 1)
+        tau = 1 / 16 + (1 - 1 / 16) * 0.5 * (1 + math.cos(math.pi * t))  # cosine 1 -> 1/16 (DALL-E)
+        kl_weight = cfg.dvae_kl_weight * min(1.0, 4 * t)  # ramped in over the first quarter
+        for group in opt.param_groups:
+            group["lr"] = cfg.dvae_lr * 0.5 * (1 + math.cos(math.pi * t))
+        _, batch = next(batches)
+        images = to_device(batch, device)["image"].float() / 255
+        with autocast:
+            recon, logits = (dvae_ddp if world_size > 1 else dvae)(images, tau)
+        losses = dvae_loss(recon, images, logits, kl_weight)
+        losses["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.dvae_steps - 1):
+            stats = codebook_stats(logits.argmax(1), mcfg.codebook_size)
+            row = {"stage": "dvae", "step": step, "recon": losses["recon"].item(), "kl": losses["kl"].item(),
+                   "tau": tau, "codes_used": stats["used"], "perplexity": stats["perplexity"]}
+            bar.set_postfix(recon=f"{row['recon']:.4f}", used=f"{stats['used']:.2f}", ppl=f"{stats['perplexity']:.0f}")
+            log(row)
+    return dvae.requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 2-4: FLAVA
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg, model_overrides, loss_cfg = parse_args(argv)
+    rank, _, world_size, device = setup_distributed()
+    if cfg.batch_size % world_size:
+        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by the world size {world_size}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, dvae_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "dvae.pt")
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+
+    resume = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resume is not None:
+        mcfg = ModelConfig(**resume["model_cfg"])
+    else:
+        mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
+    sources, world, tokenizer = build_data(cfg, mcfg, resume["vocab"] if resume else None)
+    if resume is None and "vocab_size" not in model_overrides:
+        mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": len(tokenizer)})
+    if mcfg.vocab_size < len(tokenizer):
+        raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    for name, source in sources.items():
+        if getattr(source, "num_skipped", 0):
+            print0(f"{name}: skipped {source.num_skipped} manifest rows, first: {source.skipped[:5]}")
+    mixture = data.Mixture(sources)
+    config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
+              "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    print0(json.dumps(config, indent=1))
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+
+    def log(row):
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+    if rank == 0:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    t_start = time.time()
+
+    # ---- stage 1: the dVAE ------------------------------------------------------------------
+    if resume is not None:
+        dvae = DVAE(mcfg).to(device)
+        load_state(dvae, resume["dvae"], f"{ckpt_path} dVAE")
+    elif cfg.dvae_ckpt or os.path.exists(dvae_path) and cfg.resume:
+        dvae = DVAE(mcfg).to(device)
+        load_state(dvae, torch.load(cfg.dvae_ckpt or dvae_path, map_location=device, weights_only=True),
+                   cfg.dvae_ckpt or dvae_path)
+        print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
+    else:
+        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log)
+        if rank == 0:
+            save_atomic(dvae.state_dict(), dvae_path)
+    dvae.requires_grad_(False).eval()
+
+    # ---- the model, its optimizer and the step -----------------------------------------------
+    model = FLAVA(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = 0
+    if resume is not None:
+        load_state(model, resume["model"], f"{ckpt_path} model")
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        step = resume["step"]
+        print0(f"resumed from {ckpt_path} at step {step}")
+    objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
+    # Different sources leave different parameters unused in a step (an image batch never
+    # touches the text encoder): DDP must look for them instead of waiting for their gradients.
+    step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
+    if cfg.compile:
+        step_fn = torch.compile(step_fn)
+    print0(f"FLAVA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+           f"{world_size} process(es) on {device}, {config['dtype']}")
+
+    def save_checkpoint(at_step):
+        if rank != 0:
+            return
+        save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
+                     "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
+                     "vocab": tokenizer.vocab, "rng": rng_state()}, ckpt_path)
+
+    # ---- stages 2-4 ------------------------------------------------------------------------------
+    plan = stages(cfg)
+    total = sum(n for _, _, n in plan)
+    flops = {(name, src): flops_per_sample(mcfg, src, 1.0 if name == "unmasked" else loss_cfg.keep_ratio,
+                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob)
+             for name, _, _ in plan for src in data.SOURCES}
+    bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
+    sums, counts, skipped, t_log, steps_in_log, samples_in_log = {}, {}, 0, time.time(), 0, 0
+    flops_in_log = 0.0
+    for name, first, n in plan:
+        if step >= first + n:
+            continue
+        objective.cfg = loss_cfg if name != "unmasked" else LossConfig(**{**asdict(loss_cfg), "keep_ratio": 1.0})
+        probs = stage_probs(cfg, name, sources)
+        batches = loader_for(cfg, mixture, probs, rank, world_size, step - first, device)
+        print0(f"stage {['unimodal', 'joint', 'unmasked'].index(name) + 2}: {name}, steps {first}-{first + n - 1}, "
+               f"sources {probs}")
+        while step < first + n:
+            source, batch = next(batches)
+            skipped += len(batch.pop("skipped", []))
+            batch = to_device(batch, device)
+            lr = lr_at(cfg, name, step - first, n)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                losses = step_fn(source, batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + rank)
+            scaler.scale(losses["total"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.clamp_logit_scale_()
+            step += 1
+            bar.update(1)
+            # Accumulate on the device; only a log step reads values back (one sync per interval).
+            for k, v in {**losses, "grad_norm": grad_norm}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+                counts[k] = counts.get(k, 0) + 1
+            steps_in_log += 1
+            samples_in_log += cfg.batch_size
+            flops_in_log += cfg.batch_size * flops[name, source]
+            if step % cfg.log_every == 0 or step == total:
+                values = {k: (sums[k] / counts[k]).item() for k in sums}
+                bad = [k for k, v in values.items() if not math.isfinite(v) and k != "grad_norm"]
+                if bad and dtype != torch.float16:  # fp16 overflow steps are skipped by the scaler instead
+                    raise FloatingPointError(f"non-finite loss {bad} in steps {step - steps_in_log + 1}-{step}; "
+                                             f"the last good checkpoint is {ckpt_path}")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.time() - t_log
+                row = {"stage": name, "step": step, **{k: round(v, 5) for k, v in values.items()}, "lr": lr,
+                       "logit_scale": model.scale().item(), "ms_per_step": 1000 * dt / steps_in_log,
+                       "samples_per_s": samples_in_log / dt, "skipped_samples": skipped,
+                       "tflops": flops_in_log / dt / 1e12}
+                log(row)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("total", "gc", "itm", "mim", "mlm")})
+                sums, counts, steps_in_log, samples_in_log, flops_in_log, t_log = {}, {}, 0, 0, 0.0, time.time()
+            if step % cfg.ckpt_every == 0 and step < total:
+                save_checkpoint(step)
+    bar.close()
+    save_checkpoint(step)
+    train_time = time.time() - t_start
+    print0(f"training done in {train_time:.0f} s ({skipped} unreadable samples skipped)")
+
+    # ---- end of run: evaluate on held-out data ------------------------------------------------
+    if cfg.eval and rank == 0:
+        model.eval()
+        results = evaluation.quick_eval(model, tokenizer, world, device, autocast, n_pairs=cfg.eval_pairs,
+                                        pairs_manifest=cfg.pairs)
+        results.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - t_start, 1))
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(evaluation.format_table(results))
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
