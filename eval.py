@@ -92,18 +92,20 @@ def synthetic_pairs(world, n):
     return torch.stack(images), captions
 
 
-def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_manifest=""):
+def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_manifest="", per_class=20):
     model.eval()
     results = {}
     if world is not None:
-        images, labels, names = synthetic_classification_set(world)
+        images, labels, names = synthetic_classification_set(world, per_class)
         class_emb = class_embeddings(model, tokenizer, names, world.prompt_templates, device, autocast)
         results["zeroshot_top1"] = zero_shot_accuracy(embed_images(model, images, device, autocast),
                                                       labels.to(device), class_emb)
-        images, labels, _ = synthetic_classification_set(world, held_out=True)
-        if len(images):
+        images, labels, _ = synthetic_classification_set(world, per_class, held_out=True)
+        if len(images) and n_pairs:
             results["zeroshot_heldout_top1"] = zero_shot_accuracy(embed_images(model, images, device, autocast),
                                                                   labels.to(device), class_emb)
+        if not n_pairs:
+            return results
         images, captions = synthetic_pairs(world, n_pairs)
         results.update(retrieval(embed_images(model, images, device, autocast),
                                  embed_texts(model, tokenizer, captions, device, autocast)))

@@ -36,11 +36,11 @@ class ModelConfig:
     image_size: int = 64  # input resolution (square); must be divisible by patch_size
     patch_size: int = 8  # ViT patch side; one dVAE code per patch
     stem: str = "conv"  # "linear": one Conv2d(k=p, s=p) (the paper); "conv": a small patch-local conv stem
-    width: int = 160  # D, shared by all three encoders (FLAVA uses 768 everywhere)
+    width: int = 128  # D, shared by all three encoders (FLAVA uses 768 everywhere)
     heads: int = 4  # H; width must be divisible by heads
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
-    image_layers: int = 3  # depth of the image encoder (paper: 12)
-    text_layers: int = 3  # depth of the text encoder (paper: 12)
+    image_layers: int = 2  # depth of the image encoder (paper: 12)
+    text_layers: int = 2  # depth of the text encoder (paper: 12)
     mm_layers: int = 1  # depth of the multimodal encoder (paper: 6)
     vocab_size: int = 512  # V: word-piece vocabulary (set from the tokenizer at run time)
     text_len: int = 32  # L: fixed text length with padding (FLIP: 32, CLIP: 77)
@@ -239,7 +239,7 @@ class ImageEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.patch_embed = ConvStem(cfg) if cfg.stem == "conv" else nn.Conv2d(3, D, kernel_size=p, stride=p)
-        # FLAVA's public implementations start these three at zero.
+        # Drawn from N(0, 0.02) in _init_weights (BEiT / timm), not zero as in FLAVA's code: see there.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -362,17 +362,30 @@ class FLAVA(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
-        # BERT/ViT/FLAVA: N(0, 0.02) weights, zero biases, unit LayerNorms. The zero-initialised
-        # cls/pos/mask tokens keep their zeros (parameters, not modules, are not visited here).
+        # BERT/ViT/FLAVA: N(0, 0.02) weights, zero biases, unit LayerNorms. `apply` visits children
+        # before their parent, so the module-level rules below override the generic ones.
+        std = self.cfg.init_std
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, TextEncoder):
-            nn.init.normal_(m.pos_embed, std=self.cfg.init_std)  # text positions are learned from N(0, 0.02) (BERT)
+        elif isinstance(m, ConvStem):
+            # A CNN stem keeps its activations' scale only with fan-in (He) init; N(0, 0.02) would
+            # shrink them ~10x per stage and leave the patch tokens near zero.
+            for conv in m.net:
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        elif isinstance(m, (ImageEncoder, TextEncoder, MultimodalEncoder)):
+            # FLAVA's code starts [CLS_I], [CLS_M], the mask token and the image positions at zero.
+            # A token that enters the first LayerNorm as an exact zero vector gets a gradient scaled by
+            # 1 / sqrt(eps) = 1e6 (eps 1e-12): at init the mask token's gradient norm was 8e4, and
+            # clipping that total norm to 1 froze every other parameter. BEiT / timm's N(0, 0.02) avoids it.
+            for name in ("cls_token", "pos_embed", "mask_token"):
+                if hasattr(m, name):
+                    nn.init.normal_(getattr(m, name), std=std)
 
     # The three encoders, exposed for the losses and for evaluation.
     def encode_image(self, images, patch_masked=None, keep_idx=None):

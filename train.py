@@ -64,7 +64,7 @@ class TrainConfig:
     p_texts: float = 0.15  # share of text-only (MLM) steps (paper: 0.15)
     dvae_ckpt: str = ""  # a trained dvae.pt to reuse; stage 1 is skipped
     dvae_steps: int = 300  # stage 1: dVAE training steps
-    dvae_lr: float = 3e-3  # stage 1 learning rate
+    dvae_lr: float = 1e-3  # stage 1 learning rate
     dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
@@ -77,6 +77,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/ckpt.pt
     eval: bool = True  # evaluate on held-out data at the end (eval.json)
     eval_pairs: int = 1000  # retrieval set size for the end-of-run evaluation
+    eval_every: int = 0  # steps between zero-shot checks during training (0 = only at the end; synthetic world)
 
 
 def _field_help(cls) -> dict:
@@ -436,6 +437,13 @@ def main(argv=None):
                 log(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("total", "gc", "itm", "mim", "mlm")})
                 sums, counts, steps_in_log, samples_in_log, flops_in_log, t_log = {}, {}, 0, 0, 0.0, time.time()
+            if cfg.eval_every and step % cfg.eval_every == 0 and world is not None and rank == 0:
+                model.eval()
+                log({"step": step, "zeroshot_top1": evaluation.quick_eval(model, tokenizer, world, device, autocast,
+                                                                          n_pairs=0, per_class=10)["zeroshot_top1"],
+                     "elapsed_s": round(time.time() - t_start, 1)})
+                model.train()
+                t_log = time.time()  # the clock pauses during evaluation
             if step % cfg.ckpt_every == 0 and step < total:
                 save_checkpoint(step)
     bar.close()

@@ -265,7 +265,8 @@ def test_grad_checkpointing_matches_plain_backward(tiny_cfg):
 
 
 def test_initialisation_follows_flava(tiny_cfg):
-    """N(0, 0.02) weights, zero biases, unit LayerNorms, zero image tokens, CLIP's logit scale."""
+    """N(0, 0.02) weights, zero biases, unit LayerNorms, N(0, 0.02) tokens (not zero: see
+    test_no_exploding_gradient_at_init), He-initialised conv stem, CLIP's logit scale."""
     torch.manual_seed(0)
     model = FLAVA(dataclasses.replace(tiny_cfg, width=128))
     w = model.text_encoder.transformer.blocks[0].mlp.fc1.weight
@@ -274,9 +275,30 @@ def test_initialisation_follows_flava(tiny_cfg):
     assert (model.image_encoder.transformer.blocks[0].attn.qkv.bias == 0).all()
     assert (model.mm_encoder.transformer.ln_f.weight == 1).all()
     for p in (model.image_encoder.cls_token, model.image_encoder.pos_embed, model.image_encoder.mask_token,
-              model.mm_encoder.cls_token):
-        assert (p == 0).all()
+              model.mm_encoder.cls_token, model.text_encoder.pos_embed):
+        assert p.std().item() == pytest.approx(0.02, rel=0.3) and (p != 0).all()
+    first_conv = model.image_encoder.patch_embed.net[0]
+    assert first_conv.weight.std().item() == pytest.approx(math.sqrt(2 / 12), rel=0.3)  # He: sqrt(2 / fan_in)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07)) == LOGIT_SCALE_INIT
+
+
+def test_no_exploding_gradient_at_init():
+    """A zero token entering LayerNorm (eps 1e-12) gets a 1e6-scaled gradient; with zero-initialised
+    tokens the mask token's gradient norm was ~8e4, which gradient clipping turns into a frozen model.
+    Every parameter's gradient of every loss must stay moderate at initialisation."""
+    from losses import FLAVALoss, LossConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=1, text_layers=1)
+    model, dvae = FLAVA(cfg), DVAE(cfg)
+    loss_fn = FLAVALoss(model, dvae, LossConfig(), mask_id=4, special_ids=(0, 1, 2, 3, 4))
+    images = torch.randint(0, 256, (16, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    ids, attn = rand_text(16, cfg.text_len, cfg.vocab_size)
+    for source in ("pairs", "images", "texts"):
+        model.zero_grad()
+        loss_fn(source, {"image": images, "ids": ids, "attn": attn}, seed=0)["total"].backward()
+        worst = max((p.grad.norm().item(), n) for n, p in model.named_parameters() if p.grad is not None)
+        assert worst[0] < 50, f"{source}: gradient norm {worst[0]:.0f} at {worst[1]}"
 
 
 def test_encoders_return_pre_and_post_final_layernorm(tiny_cfg):
