@@ -1,40 +1,94 @@
-"""What a trained nanoFLAVA can do: zero-shot retrieval and classification (this file grows
-into the full suite: probes, multimodal fine-tuning, masked inference, figures).
+"""What a trained nanoFLAVA can do, on held-out data: vision, language, multimodal and zero-shot tasks.
 
-FLAVA (arXiv 2112.04482) §4 evaluates zero-shot retrieval with the cosine similarity of the
-contrastive embeddings; CLIP (arXiv 2103.00020) §3.1.4 and FLIP §4 classify zero-shot with a
-prompt-template ensemble. Inference never drops patches (FLIP Table 1d).
+FLAVA (arXiv 2112.04482) §4 claims one model good at three kinds of task. The suite:
+- zero-shot retrieval (FLAVA's COCO / Flickr protocol): cosine similarity of the contrastive embeddings, R@1/5/10;
+- zero-shot classification with CLIP's prompt ensemble (arXiv 2103.00020 §3.1.4), also on the (colour, shape)
+  combinations held out of training: composition that no training pair shows;
+- linear probes on frozen [CLS_I] (vision) and [CLS_T] (language): multinomial logistic regression, its L2
+  strength chosen on a validation split (CLIP App. A.3);
+- multimodal: a linear head on frozen [CLS_M] for VQA generated from the scene graphs (only the head trains),
+  beside an image-only and a text-only head, so that the gain from fusion shows; ITM accuracy;
+- FLIP's (arXiv 2212.00794) Table 1d question: zero-shot accuracy with 0 / 50 / 75% of the patches dropped;
+- the dVAE's health: reconstruction error, codebook perplexity, share of codes used; and figures (PIL).
+Held out = the val split of the checkpoint's own synthetic world (its seed, its held-out combinations), in
+disjoint index ranges per task, or files given on the command line, which replace the synthetic data of the
+tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation set.
 
-    python eval.py --ckpt out/ckpt.pt
+    python eval.py --ckpt out/ckpt.pt          # one table, out/eval.json and the figures out/*.png
+    python eval.py --ckpt out/ckpt.pt --pairs held_out.jsonl --classes photos/ --texts labelled.tsv
+    python -m pytest tests/test_eval.py
 """
+import argparse
+import json
+import math
+import os
+import random
+import textwrap
+import time
+
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import data
+import masking
+from losses import codebook_stats
+from model import load_checkpoint, models_from_checkpoint
+
+QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
+PROMPTS = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.")  # real classes
+DROPS = (50, 75)  # % of patches dropped at inference, beside 0% (FLIP Table 1d)
+FIRST = {"pairs": 0, "singles": 100_000, "scenes": 200_000, "captions": 300_000}  # disjoint val scenes per task
 
 # ---------------------------------------------------------------------------------------------
-# Embeddings and metrics
+# Features (one frozen pass per input; every number is read from these), metrics, the probe
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def embed_images(model, images_u8, device, autocast, batch=256):
-    """(B, 3, S, S) uint8 -> (B, E) L2-normalised, unmasked."""
-    out = []
-    for i in range(0, len(images_u8), batch):
+def image_features(model, images, device, autocast, keep_ratio=1.0, seed=0, batch=256):
+    """uint8 (n, 3, S, S) -> [CLS_I] of the final LayerNorm (n, D) and contrastive embeddings (n, E). With
+    keep_ratio < 1 a random share of the patches is dropped first, as in FLIP's training pass."""
+    gen, cls, emb = torch.Generator().manual_seed(seed), [], []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(device).float() / 255  # (B, 3, S, S) in [0, 1]; the model normalises
+        keep = None if keep_ratio == 1 else masking.random_keep(len(x), model.cfg.num_patches, keep_ratio,
+                                                                generator=gen).to(device)  # (B, K)
         with autocast:
-            out.append(model.image_embeddings(images_u8[i : i + batch].to(device).float() / 255).float())
-    return torch.cat(out)
+            out = model.encode_image(x, keep_idx=keep)[1]  # (B, N, D), N = 1 + K
+            cls.append(out[:, 0].float())
+            emb.append(model.image_embed(out))
+    return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts, device, autocast, batch=512):
-    """list of str -> (T, E) L2-normalised."""
-    out = []
+def text_features(model, tokenizer, texts, device, autocast, batch=512):
+    """n strings -> [CLS_T] of the final LayerNorm (n, D) and contrastive embeddings (n, E)."""
+    cls, emb = [], []
     for i in range(0, len(texts), batch):
-        ids, attn = tokenizer.encode(texts[i : i + batch], model.cfg.text_len)
+        ids, attn = tokenizer.encode(texts[i : i + batch], model.cfg.text_len)  # (B, L), (B, L)
         with autocast:
-            out.append(model.text_embeddings(ids.to(device), attn.to(device)).float())
-    return torch.cat(out)
+            out = model.encode_text(ids.to(device), attn.to(device))[1]  # (B, L, D)
+            cls.append(out[:, 0].float())
+            emb.append(model.text_embed(out))
+    return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
+
+
+@torch.no_grad()
+def fused_features(model, tokenizer, images, at, texts, device, autocast, batch=256):
+    """Text t with image images[at[t]] through all three encoders -> [CLS_M] (n, D) and ITM logits (n, 2),
+    1 = match. Each batch encodes its distinct images once (a scene has several questions)."""
+    cls, itm = [], []
+    for i in range(0, len(texts), batch):
+        ids, attn = (t.to(device) for t in tokenizer.encode(texts[i : i + batch], model.cfg.text_len))  # (B, L)
+        distinct, which = at[i : i + batch].unique(return_inverse=True)  # (U,), (B,)
+        with autocast:
+            image_hidden = model.encode_image(images[distinct].to(device).float() / 255)[0]  # (U, N, D) pre-LN
+            text_hidden = model.encode_text(ids, attn)[0]  # (B, L, D) pre-LN
+            mm = model.encode_multimodal(image_hidden[which.to(device)], text_hidden, attn)  # (B, M, D)
+            cls.append(mm[:, 0].float())
+            itm.append(model.itm_head(mm[:, 0]).float())
+    return torch.cat(cls).cpu(), torch.cat(itm).cpu()  # (n, D), (n, 2)
 
 
 def recall_at_k(sim, ks=(1, 5, 10)):
@@ -45,9 +99,8 @@ def recall_at_k(sim, ks=(1, 5, 10)):
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval(image_emb, text_emb, ks=(1, 5, 10)):
-    """Zero-shot retrieval among N pairs (FLAVA's COCO / Flickr protocol)."""
-    sim = image_emb @ text_emb.T  # (N, N)
+def retrieval(sim, ks=(1, 5, 10)):
+    """Zero-shot retrieval among n pairs; sim (n, n) = image_emb @ text_emb.T, cosine similarities."""
     i2t, t2i = recall_at_k(sim, ks), recall_at_k(sim.T, ks)
     return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
 
@@ -55,64 +108,364 @@ def retrieval(image_emb, text_emb, ks=(1, 5, 10)):
 def class_embeddings(model, tokenizer, class_names, templates, device, autocast):
     """CLIP's prompt ensemble: mean of the normalised template embeddings, re-normalised."""
     prompts = [t.format(c) for c in class_names for t in templates]
-    emb = embed_texts(model, tokenizer, prompts, device, autocast).view(len(class_names), len(templates), -1)
-    return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1)  # (classes, E)
+    emb = text_features(model, tokenizer, prompts, device, autocast)[1].view(len(class_names), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)  # (classes, E)
 
 
-def zero_shot_accuracy(image_emb, labels, class_emb):
-    return ((image_emb @ class_emb.T).argmax(dim=1) == labels).float().mean().item()
+def split_of(n, shares=(0.6, 0.2)):
+    """Head train (0) / val (1) / test (2) by position: no scene of a consecutive run is in two splits."""
+    return torch.tensor([0 if i < shares[0] * n else 1 if i < sum(shares) * n else 2 for i in range(n)])
+
+
+def fit_head(x, y, split, decays=(1e-4, 1e-3, 1e-2, 1e-1), steps=300, lr=0.02):
+    """Multinomial logistic regression on frozen features x (n, F) with labels y (n,) and split (n,) in
+    {0 train, 1 val, 2 test}: full-batch Adam in fp32 on standardised features, one model per L2 strength,
+    all trained side by side; the best on validation is kept. Returns the test rows' correctness (n_test,)."""
+    x, y, train = x.float(), y.long(), split == 0
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)  # (n, F), train statistics only
+    R, C = len(decays), int(y.max()) + 1
+    W = torch.zeros(R, x.size(1), C, requires_grad=True)  # (R, F, C): one per strength; convex: zeros will do
+    b = torch.zeros(R, 1, C, requires_grad=True)  # (R, 1, C), not decayed
+    l2, opt, threads = torch.tensor(decays)[:, None, None], torch.optim.Adam([W, b], lr=lr), torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only wait on a second thread (17x slower on a busy 2-core CPU)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = torch.einsum("nf,rfc->rnc", x[train], W) + b  # (R, n_train, C)
+            loss = R * F.cross_entropy(logits.flatten(0, 1), y[train].repeat(R)) + (l2 * W**2).sum() / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    pred = (torch.einsum("nf,rfc->rnc", x, W.detach()) + b.detach()).argmax(-1)  # (R, n)
+    val = (pred[:, split == 1] == y[split == 1]).float().mean(1)  # (R,)
+    return pred[val.argmax(), split == 2] == y[split == 2]
+
+
+def mean(correct):  # accuracy; NaN when no test row is of the kind asked
+    return correct.float().mean().item() if len(correct) else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
-# The end-of-training evaluation on the synthetic world (train.py calls this)
+# The suite, on the val split of the synthetic world and on files
 # ---------------------------------------------------------------------------------------------
 
 
-def synthetic_classification_set(world, per_class=20, held_out=False):
-    """Single-object validation scenes for every (colour, shape) class; with held_out=True only
-    the combinations never shown in training (composition)."""
-    classes = [(c, s) for c in world.COLOURS for s in world.SHAPES]
-    wanted = [cs for cs in classes if (cs in world.held_out) == held_out]
-    images, labels = [], []
-    for cs in wanted:
-        for j in range(per_class):
-            images.append(torch.from_numpy(world.render(world.single("val", j, *cs))).permute(2, 0, 1))
-            labels.append(classes.index(cs))
-    return torch.stack(images), torch.tensor(labels), [f"{c} {s}" for c, s in classes]
+def render(world, scenes):
+    return torch.stack([torch.from_numpy(world.render(s)).permute(2, 0, 1) for s in scenes])  # (n, 3, S, S) uint8
 
 
 def synthetic_pairs(world, n):
-    import random
+    scenes = [world.scene("val", FIRST["pairs"] + i) for i in range(n)]
+    return render(world, scenes), [world.caption(s, random.Random(f"eval/{i}")) for i, s in enumerate(scenes)]
 
-    images, captions = [], []
-    for i in range(n):
-        scene = world.scene("val", i)
-        images.append(torch.from_numpy(world.render(scene)).permute(2, 0, 1))
-        captions.append(world.caption(scene, random.Random(f"eval/{i}")))
-    return torch.stack(images), captions
+
+def synthetic_classification_set(world, per_class=20):
+    """per_class one-object scenes of each (colour, shape) class -> images (n, 3, S, S), labels (n,),
+    held_out (n,) bool (a combination never shown in training) and the class names."""
+    classes = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    labels = torch.arange(len(classes)).repeat_interleave(per_class)  # (n,)
+    images = render(world, [world.single("val", j, *cs) for cs in classes for j in range(per_class)])
+    held = torch.tensor([classes[k] in world.held_out for k in labels.tolist()])  # (n,)
+    return images, labels, held, [f"{c} {s}" for c, s in classes]
+
+
+def vqa_set(world, n_scenes):
+    """Questions read off the scene graphs of n val scenes (data.ShapesWorld.questions) -> the scenes, and
+    rows (scene position, question, answer index in world.answers(), question type)."""
+    scenes = [world.scene("val", FIRST["scenes"] + i) for i in range(n_scenes)]
+    answers, rows = world.answers(), []
+    for i, scene in enumerate(scenes):
+        for q, a in world.questions(scene, random.Random(f"vqa/{i}")):
+            rows.append((i, q, answers.index(a), QUESTION_TYPES[" ".join(q.split()[:2])]))
+    return scenes, rows
+
+
+def read_files(ds, indices):
+    """A file dataset's samples at indices -> (images (n, 3, S, S), [(index, sample)], unreadable count). A bad
+    file is dropped, not replaced by the next one as in training (a retrieval set must not repeat a pair)."""
+    good, bad = [], 0
+    for i in indices:
+        try:
+            sample = ds.load(i)
+        except RuntimeError:  # data.MAX_SKIPS unreadable files in a row
+            sample = {"skipped": [i]}
+        bad += bool(sample["skipped"])
+        good += [] if sample["skipped"] else [(i, sample)]
+    if not good:
+        raise ValueError(f"none of the {len(indices)} files read could be decoded")
+    return torch.stack([s["image"] for _, s in good]), good, bad
+
+
+def subset(n, cap):
+    """Up to cap of n indices in a fixed random order (a folder lists class after class; splits go by position)."""
+    return random.Random(0).sample(range(n), min(n, cap))
+
+
+def labelled_texts(ds):
+    """'label<TAB>text' lines of a data.TextFile -> (texts, labels (n,)); too few is an error."""
+    rows = [[part.strip() for part in line.split("\t", 1)] for line in ds.lines if "\t" in line]
+    names = sorted({label for label, _ in rows})
+    if len(rows) < 10 or len(names) < 2:
+        raise ValueError(f"--texts needs 'label<TAB>text' lines with at least 2 labels; found {len(rows)} of "
+                         f"{len(ds.lines)} lines labelled, labels {names[:5]}")
+    return [t for _, t in rows], torch.tensor([names.index(label) for label, _ in rows])
+
+
+def zero_shot(model, tokenizer, images, labels, held, names, templates, device, autocast, drops=()):
+    """Top-1 of the prompt ensemble on the images of classes seen in training, and apart on those of held-out
+    ones (held (n,) bool); then with each share of the patches in drops (%) dropped (FLIP's question)."""
+    class_emb, results = class_embeddings(model, tokenizer, names, templates, device, autocast), {}
+    for drop in (0, *drops):
+        emb = image_features(model, images, device, autocast, keep_ratio=1 - drop / 100)[1]  # (n, E)
+        correct = (emb @ class_emb.T).argmax(1) == labels  # (n,) nearest class embedding is its own
+        results[f"zeroshot_drop{drop}_top1" if drop else "zeroshot_top1"] = mean(correct[~held])
+        if not drop and held.any():
+            results["zeroshot_heldout_top1"] = mean(correct[held])
+    return results
 
 
 def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_manifest="", per_class=20):
+    """Zero-shot classification and retrieval on the synthetic world: the check train.py runs during and
+    after training. A run on files has no held-out set here (pairs_manifest is its training data): {}."""
     model.eval()
-    results = {}
-    if world is not None:
-        images, labels, names = synthetic_classification_set(world, per_class)
-        class_emb = class_embeddings(model, tokenizer, names, world.prompt_templates, device, autocast)
-        results["zeroshot_top1"] = zero_shot_accuracy(embed_images(model, images, device, autocast),
-                                                      labels.to(device), class_emb)
-        images, labels, _ = synthetic_classification_set(world, per_class, held_out=True)
-        if len(images) and n_pairs:
-            results["zeroshot_heldout_top1"] = zero_shot_accuracy(embed_images(model, images, device, autocast),
-                                                                  labels.to(device), class_emb)
-        if not n_pairs:
-            return results
+    if world is None:
+        return {}
+    results = zero_shot(model, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
+                        device, autocast)
+    if n_pairs:
         images, captions = synthetic_pairs(world, n_pairs)
-        results.update(retrieval(embed_images(model, images, device, autocast),
-                                 embed_texts(model, tokenizer, captions, device, autocast)))
-        results["retrieval_pairs"] = n_pairs
+        sim = image_features(model, images, device, autocast)[1] @ text_features(model, tokenizer, captions, device,
+                                                                                 autocast)[1].T  # (n, n)
+        results.update(retrieval(sim), retrieval_pairs=n_pairs)
     return results
+
+
+def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
+             pairs=None, classes=None, texts=None):
+    """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
+    replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
+    check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
+    (data.TextFile of 'label<TAB>text') a language probe. The rest runs when the checkpoint has a world."""
+    model.eval()
+
+    def run(fn, *args, **kwargs):  # a frozen pass of this model
+        return fn(model, *args, device=device, autocast=autocast, **kwargs)
+
+    # ---- retrieval and ITM -----------------------------------------------------------------------
+    skipped = 0
+    if pairs is not None:
+        images, good, skipped = read_files(pairs, range(min(n_pairs, len(pairs))))
+        captions, skipped = [pairs.captions[i] for i, _ in good], skipped + pairs.num_skipped
+    else:
+        images, captions = synthetic_pairs(world, n_pairs)
+    sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (n, n)
+    results = {**retrieval(sim), "retrieval_pairs": len(captions)}
+    n = len(captions)  # ITM: every pair matched, and with the next pair's caption where that one differs
+    wrong = [j for j in range(n) if captions[j] != captions[(j + 1) % n]]
+    itm = run(fused_features, tokenizer, images, torch.tensor([*range(n), *wrong]),
+              captions + [captions[(j + 1) % n] for j in wrong])[1].argmax(1)  # (n + n_wrong,)
+    results["itm_acc"] = mean(itm == torch.tensor([1] * n + [0] * len(wrong)))
+    shown = {"images": images, "captions": captions, "sim": sim}
+    # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
+    if classes is not None:
+        zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
+        labels, skipped = torch.tensor([s["label"] for _, s in good]), skipped + bad
+        results |= run(zero_shot, tokenizer, zs_images, labels, torch.zeros(len(labels), dtype=torch.bool),
+                       classes.classes, PROMPTS, drops=DROPS)
+        cls = run(image_features, zs_images)[0]  # (n, D)
+        results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
+    elif world is not None:
+        results |= run(zero_shot, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
+                       drops=DROPS)
+    if texts is not None:
+        lines, labels = labelled_texts(texts)
+        pick = subset(len(lines), n_probe)
+        cls = run(text_features, tokenizer, [lines[i] for i in pick])[0]  # (n, D)
+        results["probe_text_label"] = mean(fit_head(cls, labels[pick], split_of(len(pick))))
+    # ---- synthetic probes: vision on [CLS_I], language on [CLS_T] ---------------------------------------
+    if world is not None:
+        split, every = split_of(n_probe), [(c, s) for c in world.COLOURS for s in world.SHAPES]
+        singles = [world.single("val", FIRST["singles"] + j, *random.Random(f"single/{j}").choice(every))
+                   for j in range(n_probe)]
+        cls = run(image_features, render(world, singles))[0]  # (n, D)
+        for what, vocab in (("shape", world.SHAPES), ("colour", world.COLOURS)):
+            y = torch.tensor([vocab.index(s["objects"][0][what]) for s in singles])
+            results[f"probe_image_{what}"] = mean(fit_head(cls, y, split))
+        scenes, rows = vqa_set(world, n_probe)
+        scene_images = render(world, scenes)
+        cls_i = run(image_features, scene_images)[0]  # (n, D)
+        y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
+        results["probe_image_count"] = mean(fit_head(cls_i, y, split))
+        scenes = [world.scene("val", FIRST["captions"] + i) for i in range(n_probe)]
+        lines = [world.caption(s, random.Random(f"probe/{i}")) for i, s in enumerate(scenes)]
+        cls_t = run(text_features, tokenizer, lines)[0]  # (n, D)
+        y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
+        results["probe_text_count"] = mean(fit_head(cls_t, y, split))
+        multi = y > 0  # the relation a caption states, or none ("and"), among captions of 2+ objects
+        y = torch.tensor([next((k for k, r in enumerate(world.RELATIONS) if r in c), 4) for c in lines])  # 4: none
+        results["probe_text_relation"] = mean(fit_head(cls_t[multi], y[multi], split[multi]))
+        # ---- VQA: a head on frozen [CLS_M] of (image, question), the unimodal heads beside it -------------
+        at = torch.tensor([r[0] for r in rows])  # (q,) each question's scene
+        questions, y, kinds = [r[1] for r in rows], torch.tensor([r[2] for r in rows]), [r[3] for r in rows]
+        inputs = {"multimodal": run(fused_features, tokenizer, scene_images, at, questions)[0],
+                  "image_only": cls_i[at], "text_only": run(text_features, tokenizer, questions)[0]}
+        test_kinds = [k for k, s in zip(kinds, split[at].tolist()) if s == 2]
+        for name, x in inputs.items():
+            correct = fit_head(x, y, split[at])
+            results[f"vqa_{name}"] = mean(correct)
+            for kind in QUESTION_TYPES.values():
+                results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
+    # ---- the dVAE ------------------------------------------------------------------------------------
+    x = images[:256].to(device).float() / 255  # (n, 3, S, S)
+    codes = dvae.codebook_indices(x)  # (n, P)
+    stats = codebook_stats(codes, dvae.codebook.num_embeddings)
+    results.update(dvae_recon_mse=F.mse_loss(dvae.decode_indices(codes), x).item(),
+                   dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"], skipped_files=skipped)
+    return results, shown
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (PIL only)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiles(images, cols, scale=2, frames=None, row_texts=(), title="", pad=6):
+    """uint8 (n, 3, S, S) -> one PIL image: tiles row-major, enlarged, optionally framed in a colour, with a
+    title above and a text left of each row."""
+    S, left, top = images.shape[-1] * scale, 230 if row_texts else 0, 24 if title else 0
+    rows = math.ceil(len(images) / cols)
+    canvas = Image.new("RGB", (left + cols * (S + pad) + pad, top + rows * (S + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 6), title, fill="black")
+    for r, text in enumerate(row_texts):
+        draw.multiline_text((pad, top + pad + r * (S + pad)), "\n".join(textwrap.wrap(text, 32)), fill="black")
+    for k, image in enumerate(images):
+        x, y = left + pad + (k % cols) * (S + pad), top + pad + (k // cols) * (S + pad)
+        if frames:
+            draw.rectangle([x - 3, y - 3, x + S + 2, y + S + 2], outline=frames[k], width=3)
+        canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((S, S), Image.NEAREST), (x, y))
+    return canvas
+
+
+def hide(image, hidden, patch, fill):
+    """uint8 (3, S, S) with the patches where hidden (P,) is True painted in fill (r, g, b)."""
+    G = image.shape[-1] // patch
+    pixels = hidden.view(G, G).repeat_interleave(patch, 0).repeat_interleave(patch, 1)  # (S, S)
+    return torch.where(pixels, torch.tensor(fill, dtype=torch.uint8)[:, None, None], image)  # (3, S, S)
+
+
+def loss_curves(log_path, W=280, H=150, m=28):
+    """A panel per quantity of log.jsonl against the step, titled with its first and last value."""
+    rows = []
+    for line in open(log_path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a crash
+            pass
+    series = {}
+    for key in ("total", "gc", "itm", "mmm_image", "mmm_text", "mim", "mlm", "recon", "zeroshot_top1"):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        series.update({key: pts} if len(pts) > 1 else {})
+    if not series:
+        return None
+    canvas = Image.new("RGB", (3 * W, math.ceil(len(series) / 3) * H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (key, pts) in enumerate(series.items()):
+        x0, y0, w, h = k % 3 * W + m, k // 3 * H + m, W - 2 * m, H - 2 * m  # the plot's box
+        (s0, v0), (s1, v1) = [min(p) for p in zip(*pts)], [max(p) for p in zip(*pts)]
+        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="grey")
+        draw.line([(x0 + w * (s - s0) / max(s1 - s0, 1e-9), y0 + h * (v1 - v) / max(v1 - v0, 1e-9)) for s, v in pts],
+                  fill=(40, 80, 220), width=2)
+        draw.text((x0, y0 - 20), f"{key}: {pts[0][1]:.3g} -> {pts[-1][1]:.3g} (range {v0:.3g}-{v1:.3g})", fill="black")
+        draw.text((x0, y0 + h + 4), f"steps {s0} - {s1}", fill="grey")
+    return canvas
+
+
+@torch.no_grad()
+def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, device="cpu"):
+    """retrieval.png, masks.png, dvae.png and (with a log) loss_curves.png in out_dir -> their paths."""
+    images, captions, sim, cfg, figures = shown["images"], shown["captions"], shown["sim"], model.cfg, {}
+    # text -> image retrieval: captions beside their top-5 images, the true one framed green
+    queries = range(min(4, len(captions)))
+    top = [sim[:, q].topk(min(5, len(captions))).indices for q in queries]  # each (5,)
+    rank = [int((sim[:, q] >= sim[q, q]).sum()) for q in queries]  # ties count against, as in recall_at_k
+    figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
+        f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
+        frames=[(40, 160, 60) if i == q else (200, 200, 200) for q in queries for i in top[q].tolist()])
+    # what the model sees: BEiT's block mask (MIM / MMM, grey) and FLIP's 50% drop (contrastive pass, black)
+    gen, shows = torch.Generator().manual_seed(0), []
+    for image in images[:3]:
+        masked = masking.block_mask(1, cfg.grid, round(mask_ratio * cfg.num_patches), generator=gen)[0]  # (P,)
+        dropped = torch.ones(cfg.num_patches, dtype=torch.bool)
+        dropped[masking.random_keep(1, cfg.num_patches, 0.5, generator=gen)[0]] = False  # (P,) True = dropped
+        shows += [image, hide(image, masked, cfg.patch_size, (128,) * 3), hide(image, dropped, cfg.patch_size, (0,) * 3)]
+    figures["masks.png"] = tiles(torch.stack(shows), 3, scale=3, title="input | BEiT block mask | FLIP 50% drop")
+    # dVAE: inputs above their reconstructions from the hard codes
+    x = images[:8].to(device).float() / 255  # (8, 3, S, S)
+    recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
+    figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x), title="inputs, and their dVAE reconstructions")
+    figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
+    figures = {os.path.join(out_dir, name): picture for name, picture in figures.items() if picture is not None}
+    for path, picture in figures.items():
+        picture.save(path)
+    return list(figures)
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
 
 
 def format_table(results) -> str:
     rows = [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
     return "\n".join(["| metric | value |", "| --- | --- |", *rows])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
+    parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
+    parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
+    parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
+    parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
+    parser.add_argument("--n_pairs", type=int, default=1000, help="retrieval and ITM pairs")
+    parser.add_argument("--per_class", type=int, default=20, help="zero-shot images per synthetic class")
+    parser.add_argument("--n_probe", type=int, default=2000, help="samples per probe, VQA scenes, most files read")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    t0, device = time.time(), torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
+    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
+    try:  # every input is opened, or refused with a message, before any compute
+        ckpt = load_checkpoint(args.ckpt)
+        model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
+        tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
+        S, L = model.cfg.image_size, model.cfg.text_len
+        world = None if train_cfg.get("pairs") else data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0))
+        pairs = data.FilePairs(args.pairs, S, tokenizer, L, train=False) if args.pairs else None
+        classes = data.ImageFolder(args.classes, S, train=False) if args.classes else None
+        texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
+        if texts is not None:
+            labelled_texts(texts)
+        if world is None and pairs is None:
+            raise ValueError(f"{args.ckpt} was trained on {train_cfg['pairs']}, not on the synthetic world: "
+                             "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eval.py: {e}") from None
+    results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
+                              args.n_probe, pairs, classes, texts)
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    os.makedirs(out_dir := args.out_dir or ckpt_dir, exist_ok=True)
+    log, mask_ratio = os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
+    figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
+    results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({k: None if v != v else v for k, v in results.items()}, f, indent=1)  # NaN (no test rows): null
+    print(format_table(results))
+    print("\n".join(f"wrote {p}" for p in [os.path.join(out_dir, "eval.json"), *figures]))
+
+
+if __name__ == "__main__":
+    main()

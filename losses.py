@@ -148,6 +148,7 @@ class LossConfig:
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
     mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
     itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
+    masked_fraction: float = 1.0  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
     itm_weight: float = 1.0
@@ -164,12 +165,22 @@ class LossConfig:
             problems.append(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
         if not 0 < self.mlm_prob < 1:
             problems.append(f"mlm_prob={self.mlm_prob} must be in (0, 1)")
+        if not 0 < self.masked_fraction <= 1:
+            problems.append(f"masked_fraction={self.masked_fraction} must be in (0, 1]")
         if not 0 <= self.itm_neg_prob < 1:
             problems.append(f"itm_neg_prob={self.itm_neg_prob} must be in [0, 1)")
         if self.backprop not in ("global", "local"):
             problems.append(f"backprop={self.backprop!r} must be 'global' or 'local'")
         if problems:
             raise ValueError("LossConfig: " + "; ".join(problems))
+
+
+def compile_step(step):
+    """torch.compile a FLAVA step. Its block masks are drawn in plain Python (random.Random), which
+    dynamo cannot trace, so they run eagerly (one graph break); static shapes (dynamic=False) give
+    one graph per kind of batch, and avoid an inductor failure seen with dynamic shapes (torch 2.11)."""
+    masking.block_mask = torch.compiler.disable(masking.block_mask)
+    return torch.compile(step, dynamic=False)
 
 
 class FLAVALoss(nn.Module):
@@ -184,6 +195,9 @@ class FLAVALoss(nn.Module):
         super().__init__()
         self.model, self.dvae, self.cfg = model, dvae.requires_grad_(False).eval(), cfg
         self.mask_id, self.special_ids = mask_id, tuple(special_ids)
+        # Multiplies the weights of the masked objectives (ITM, MMM, MIM, MLM); train.py may ramp it
+        # from 0 to 1. A tensor, so changing it never recompiles a torch.compile'd step.
+        self.register_buffer("masked_scale", torch.ones(()), persistent=False)
         mcfg = model.cfg
         self.n_masked = max(1, round(cfg.mask_ratio * mcfg.num_patches))  # BEiT target per image
         self.min_block = cfg.min_block or masking.default_min_block(mcfg.num_patches)
@@ -204,14 +218,11 @@ class FLAVALoss(nn.Module):
         c = self.cfg
         weights = {"gc": c.gc_weight, "itm": c.itm_weight, "mmm_image": c.mmm_image_weight,
                    "mmm_text": c.mmm_text_weight, "mim": c.mim_weight, "mlm": c.mlm_weight}
-        losses["total"] = sum(weights[name] * loss for name, loss in losses.items())
+        losses["total"] = sum(weights[name] * (1 if name == "gc" else self.masked_scale) * loss
+                              for name, loss in losses.items())
         return losses
 
     # -- helpers shared by the three kinds of batch ------------------------------------------
-
-    def _pixels_and_codes(self, images_u8):
-        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
-        return images, self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
 
     def _block_mask(self, B, gen_cpu, device):
         m = masking.block_mask(B, self.model.cfg.grid, self.n_masked, self.min_block, generator=gen_cpu)
@@ -226,7 +237,8 @@ class FLAVALoss(nn.Module):
     # -- image-only batch: MIM (FLAVA §3.3, BEiT) ---------------------------------------------
 
     def images(self, images_u8, gen_cpu):
-        images, codes = self._pixels_and_codes(images_u8)
+        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the dVAE's input too
+        codes = self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
         patch_masked = self._block_mask(images.size(0), gen_cpu, images.device)  # (B, P)
         out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D)
         labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
@@ -244,7 +256,7 @@ class FLAVALoss(nn.Module):
     def pairs(self, images_u8, ids, attn, gen, gen_cpu):
         m, c = self.model, self.cfg
         B, P, L = ids.size(0), m.cfg.num_patches, ids.size(1)
-        images, codes = self._pixels_and_codes(images_u8)
+        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
 
         # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
         keep_idx = None
@@ -257,30 +269,35 @@ class FLAVALoss(nn.Module):
         # after the contrastive pass, instead of in the data (where TorchMultimodal makes them and
         # must then drop them from the contrastive rows).
 
+        # The masked pass may run on the first n rows only (masked_fraction): the contrastive loss
+        # gains from every extra negative, MMM and ITM much less, and the masked pass costs more.
+        n = max(1, round(B * c.masked_fraction))
+        images, codes = images[:n], self.dvae.codebook_indices(images[:n])  # (n, 3, S, S), (n, P)
+
         # 2. ITM negatives: swap a share of captions for another sample's caption. The partner is
         # uniform over the *other* rows; the label is 0 only if the swapped caption really differs.
-        swap = torch.rand(B, device=ids.device, generator=gen) < c.itm_neg_prob  # (B,)
-        partner = (torch.arange(B, device=ids.device) + torch.randint(1, max(B, 2), (B,), device=ids.device,
-                                                                     generator=gen)) % B  # (B,), != own row
-        swap = swap & (ids[partner] != ids).any(dim=1)
-        mm_ids = torch.where(swap[:, None], ids[partner], ids)  # (B, L)
-        mm_attn = torch.where(swap[:, None], attn[partner], attn)  # (B, L)
-        matched = ~swap  # (B,) the positive mask: True for a real pair
-        itm_labels = matched.long()  # (B,)
+        swap = torch.rand(n, device=ids.device, generator=gen) < c.itm_neg_prob  # (n,)
+        partner = (torch.arange(n, device=ids.device) + torch.randint(1, max(B, 2), (n,), device=ids.device,
+                                                                     generator=gen)) % B  # (n,), != own row
+        swap = swap & (ids[partner] != ids[:n]).any(dim=1)
+        mm_ids = torch.where(swap[:, None], ids[partner], ids[:n])  # (n, L)
+        mm_attn = torch.where(swap[:, None], attn[partner], attn[:n])  # (n, L)
+        matched = ~swap  # (n,) the positive mask: True for a real pair
+        itm_labels = matched.long()  # (n,)
 
         # 3. Masked pass: BEiT-masked image + BERT-masked text through both encoders and the fusion.
-        patch_masked = self._block_mask(B, gen_cpu, images.device)  # (B, P)
-        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (B, L), (B, L)
-        image_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (B, N, D) pre-LN
-        text_hidden = m.encode_text(masked_ids, mm_attn)[0]  # (B, L, D) pre-LN
-        mm = m.encode_multimodal(image_hidden, text_hidden, mm_attn)  # (B, M, D)
+        patch_masked = self._block_mask(n, gen_cpu, images.device)  # (n, P)
+        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (n, L), (n, L)
+        image_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
+        text_hidden = m.encode_text(masked_ids, mm_attn)[0]  # (n, L, D) pre-LN
+        mm = m.encode_multimodal(image_hidden, text_hidden, mm_attn)  # (n, M, D)
         itm = itm_loss(m.itm_head(mm[:, 0]), itm_labels)  # ITM reads the masked pass, as in FLAVA
 
         # MMM learns only from matched pairs. The filter is applied to the *labels* of every
         # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be
         # left unfiltered (Hugging Face's bug #27855) and no shape changes.
-        image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (B, P)
-        text_labels = torch.where(matched[:, None], text_labels, IGNORE_INDEX)  # (B, L)
+        image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (n, P)
+        text_labels = torch.where(matched[:, None], text_labels, IGNORE_INDEX)  # (n, L)
         mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked)
         mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text)
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}

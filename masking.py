@@ -62,7 +62,6 @@ def _one_block_mask(rng: random.Random, G: int, target: int, min_block: int, log
     return mask
 
 
-@torch.compiler.disable  # plain Python on the CPU: torch.compile leaves it alone
 def block_mask(batch: int, grid: int, num_masked: int, min_block: int | None = None,
                min_aspect: float = 0.3, generator: torch.Generator | None = None) -> torch.Tensor:
     """BEiT block-wise masks for a batch of images with a `grid` x `grid` patch grid.

@@ -23,7 +23,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -33,8 +33,10 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-from losses import FLAVALoss, LossConfig, codebook_stats, dvae_loss
+from losses import FLAVALoss, LossConfig, codebook_stats, compile_step, dvae_loss
 from model import DVAE, FLAVA, ModelConfig, flops_per_sample, load_checkpoint, load_state
+
+NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
 
 # ---------------------------------------------------------------------------------------------
 # Config: every field is a flag; its comment is its --help
@@ -66,6 +68,7 @@ class TrainConfig:
     dvae_steps: int = 300  # stage 1: dVAE training steps
     dvae_lr: float = 1e-3  # stage 1 learning rate
     dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
+    masked_ramp: int = 0  # joint steps over which the masked objectives' weights rise 0 -> 1 (contrastive first)
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
@@ -104,12 +107,21 @@ def parse_args(argv=None):
             kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(str(f.type), None)
             kind = kind or (f.type if callable(f.type) else str)
             default = None if cls is ModelConfig else f.default
+            bare = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # a bare --resume means true
             group.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(f.default).__name__.upper(),
-                               help=f"{helps.get(f.name, '')} (default: {'preset' if default is None else f.default})")
-    args = vars(parser.parse_args(argv))
+                               help=f"{helps.get(f.name, '')} (default: {'preset' if default is None else f.default})",
+                               **bare)
+    args = vars(parser.parse_args(argv))  # an unknown flag exits here (status 2), naming it
     train = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
     overrides = {f.name: args[f.name] for f in fields(ModelConfig) if args[f.name] is not None}
-    loss = LossConfig(**{f.name: args[f.name] for f in fields(LossConfig)})
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's, read before any process group exists
+    try:  # every impossible combination fails here, before any work, naming the fields involved
+        loss = LossConfig(**{f.name: args[f.name] for f in fields(LossConfig)})
+        ModelConfig.from_preset(train.preset, **overrides)
+        if train.batch_size < 1 or train.batch_size % world:
+            raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
+    except ValueError as e:
+        parser.error(str(e))
     return train, overrides, loss
 
 
@@ -204,10 +216,27 @@ def save_atomic(obj, path):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": repr(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    """Every global generator, in types that weights_only=True loading accepts (no numpy arrays)."""
+    kind, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (kind, keys.tolist(), *rest), "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], np.uint32), *state["numpy"][2:]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def trim_log(path, step, keep_dvae):
+    """On resume: drop the rows of the steps after the checkpoint (they are redone) and a torn last line."""
+    rows = [json.loads(line) for line in open(path) if line.endswith("\n")] if os.path.exists(path) else []
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows
+                     if (keep_dvae if r.get("stage") == "dvae" else r.get("step", 0) <= step))
+    os.replace(f"{path}.tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +274,8 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):
 
 def loader_for(cfg, mixture, probs, rank, world_size, start_step, device):
     sizes = {k: len(v) for k, v in mixture.sources.items()}
-    sampler = data.MixtureBatchSampler(sizes, probs, cfg.batch_size, rank, world_size, cfg.seed, start_step)
+    sampler = data.MixtureBatchSampler(sizes, probs, cfg.batch_size, rank, world_size, cfg.seed, start_step,
+                                       seeds=True)  # each crop a function of (seed, source, stream position)
     workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 0)
     return iter(data.make_loader(mixture, sampler, num_workers=workers, pin_memory=device.type == "cuda"))
 
@@ -259,7 +289,7 @@ def to_device(batch, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log):
+def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped):
     dvae = DVAE(mcfg).to(device)
     if world_size > 1:
         dvae_ddp = DDP(dvae)
@@ -274,6 +304,7 @@ def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log):
         for group in opt.param_groups:
             group["lr"] = cfg.dvae_lr * 0.5 * (1 + math.cos(math.pi * t))
         _, batch = next(batches)
+        note_skipped(batch, "dvae", step)
         images = to_device(batch, device)["image"].float() / 255
         with autocast:
             recon, logits = (dvae_ddp if world_size > 1 else dvae)(images, tau)
@@ -296,40 +327,57 @@ def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log):
 
 
 def main(argv=None):
-    cfg, model_overrides, loss_cfg = parse_args(argv)
+    cfg, model_overrides, loss_cfg = parse_args(argv)  # a bad flag or combination stops here, before any work
     rank, _, world_size, device = setup_distributed()
-    if cfg.batch_size % world_size:
-        raise ValueError(f"--batch_size={cfg.batch_size} is not divisible by the world size {world_size}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, dvae_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "dvae.pt")
+    ckpt_path, dvae_path, log_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "dvae.pt", "log.jsonl"))
     print0 = print if rank == 0 else (lambda *a, **k: None)
 
-    resume = load_checkpoint(ckpt_path) if cfg.resume else None
+    # The flags define the model, resumed or not; a resumed run takes its vocabulary from the checkpoint.
+    # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
+    resume = load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
+    mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
     if resume is not None:
-        mcfg = ModelConfig(**resume["model_cfg"])
-    else:
-        mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
+        mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
+    elif cfg.resume:
+        print0(f"--resume: no {ckpt_path} yet, so training starts at step 0")
     sources, world, tokenizer = build_data(cfg, mcfg, resume["vocab"] if resume else None)
     if resume is None and "vocab_size" not in model_overrides:
-        mcfg = ModelConfig(**{**asdict(mcfg), "vocab_size": len(tokenizer)})
+        mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    for name, source in sources.items():
-        if getattr(source, "num_skipped", 0):
-            print0(f"{name}: skipped {source.num_skipped} manifest rows, first: {source.skipped[:5]}")
     mixture = data.Mixture(sources)
     config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
               "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     print0(json.dumps(config, indent=1))
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    if rank == 0 and cfg.resume:
+        trim_log(log_path, resume["step"] if resume else 0, keep_dvae=resume is not None or os.path.exists(dvae_path))
+    log_file = open(log_path, "a") if rank == 0 else None
 
     def log(row):
         if log_file:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
+
+    # Unreadable data is skipped and counted; the first NAMED_SKIPS rows and files are named, with the reason.
+    for name, source in sources.items():
+        if getattr(source, "num_skipped", 0):
+            first = source.skipped[:NAMED_SKIPS]  # (line, reason)
+            print0(f"{name}: skipped {source.num_skipped} manifest rows, first: {first}")
+            log({"event": "skipped_rows", "source": name, "count": source.num_skipped, "first": first})
+    named, new_skips = set(), 0
+
+    def note_skipped(batch, stage, step):
+        nonlocal new_skips
+        for path, reason in batch.pop("skipped", []):
+            new_skips += 1
+            if len(named) < NAMED_SKIPS and path not in named:
+                named.add(path)
+                print(f"rank {rank}, {stage} step {step}: skipped {path}: {reason}")
+                log({"event": "skipped_file", "stage": stage, "step": step, "path": path, "reason": reason})
 
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -346,38 +394,43 @@ def main(argv=None):
                    cfg.dvae_ckpt or dvae_path)
         print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
     else:
-        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log)
+        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped)
         if rank == 0:
             save_atomic(dvae.state_dict(), dvae_path)
     dvae.requires_grad_(False).eval()
 
     # ---- the model, its optimizer and the step -----------------------------------------------
+    torch.manual_seed(cfg.seed)  # FLAVA's initial weights, whatever stage 1 drew from the generator
     model = FLAVA(mcfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = 0
+    step, last_saved = 0, None
+    counters = {"skipped_samples": 0, "overflow_steps": 0}  # over the whole run, resumes included
     if resume is not None:
         load_state(model, resume["model"], f"{ckpt_path} model")
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        step = resume["step"]
+        step = last_saved = resume["step"]
+        counters.update(resume.get("counters", {}))
+        set_rng_state(resume["rng"])
         print0(f"resumed from {ckpt_path} at step {step}")
     objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
     # touches the text encoder): DDP must look for them instead of waiting for their gradients.
     step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
     if cfg.compile:
-        step_fn = torch.compile(step_fn)
+        step_fn = compile_step(step_fn)
     print0(f"FLAVA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
            f"{world_size} process(es) on {device}, {config['dtype']}")
 
     def save_checkpoint(at_step):
-        if rank != 0:
-            return
-        save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
-                     "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
-                     "vocab": tokenizer.vocab, "rng": rng_state()}, ckpt_path)
+        nonlocal last_saved
+        if rank == 0:
+            save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
+                         "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
+                         "vocab": tokenizer.vocab, "rng": rng_state(), "counters": dict(counters)}, ckpt_path)
+        last_saved = at_step
 
     # ---- stages 2-4 ------------------------------------------------------------------------------
     plan = stages(cfg)
@@ -386,8 +439,7 @@ def main(argv=None):
                                            loss_cfg.mask_ratio, loss_cfg.mlm_prob)
              for name, _, _ in plan for src in data.SOURCES}
     bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
-    sums, counts, skipped, t_log, steps_in_log, samples_in_log = {}, {}, 0, time.time(), 0, 0
-    flops_in_log = 0.0
+    interval, t_log, steps_in_log, samples_in_log, flops_in_log = {}, time.time(), 0, 0, 0.0
     for name, first, n in plan:
         if step >= first + n:
             continue
@@ -398,9 +450,11 @@ def main(argv=None):
                f"sources {probs}")
         while step < first + n:
             source, batch = next(batches)
-            skipped += len(batch.pop("skipped", []))
+            note_skipped(batch, name, step + 1)
             batch = to_device(batch, device)
             lr = lr_at(cfg, name, step - first, n)
+            if name == "joint" and cfg.masked_ramp:
+                objective.masked_scale.fill_(min(1.0, (step - first + 1) / cfg.masked_ramp))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -414,29 +468,43 @@ def main(argv=None):
             model.clamp_logit_scale_()
             step += 1
             bar.update(1)
-            # Accumulate on the device; only a log step reads values back (one sync per interval).
+            # Values stay on the device; only a log step reads them back (one sync per interval). Every
+            # checkpoint step is a log step, so that no checkpoint is written before its losses are checked.
             for k, v in {**losses, "grad_norm": grad_norm}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-                counts[k] = counts.get(k, 0) + 1
+                at, values = interval.setdefault(k, ([], []))
+                at.append(step)
+                values.append(v.detach().float())
             steps_in_log += 1
             samples_in_log += cfg.batch_size
             flops_in_log += cfg.batch_size * flops[name, source]
-            if step % cfg.log_every == 0 or step == total:
-                values = {k: (sums[k] / counts[k]).item() for k in sums}
-                bad = [k for k, v in values.items() if not math.isfinite(v) and k != "grad_norm"]
-                if bad and dtype != torch.float16:  # fp16 overflow steps are skipped by the scaler instead
-                    raise FloatingPointError(f"non-finite loss {bad} in steps {step - steps_in_log + 1}-{step}; "
-                                             f"the last good checkpoint is {ckpt_path}")
+            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == total:
+                means, bad = {}, {}
+                for k, (at, values) in interval.items():
+                    values = torch.stack(values).tolist()  # one read per term and interval
+                    good = [v for v in values if math.isfinite(v)]
+                    means[k] = sum(good) / len(good) if good else math.nan
+                    if len(good) < len(values):  # the first non-finite step, and how many
+                        bad[k] = next(t for t, v in zip(at, values) if not math.isfinite(v)), len(values) - len(good)
+                # fp16: the scaler skipped exactly the steps whose unscaled gradient overflowed; they are counted.
+                # Otherwise a non-finite value stops every rank before the model can be saved.
+                totals = torch.tensor([new_skips, bool(bad) and dtype != torch.float16], device=device)
+                if world_size > 1:
+                    dist.all_reduce(totals)  # summed over ranks: skipped samples, ranks that must stop
+                if totals[1]:
+                    where = ", ".join(f"{k} at step {t}" for k, (t, _) in bad.items()) or "a value on another rank"
+                    kept = f"{ckpt_path}, step {last_saved}" if last_saved is not None else "none"
+                    raise FloatingPointError(f"non-finite {where}; stopped. The last good checkpoint is {kept}")
+                counters["skipped_samples"] += int(totals[0])
+                counters["overflow_steps"] += bad.get("grad_norm", (0, 0))[1]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.time() - t_log
-                row = {"stage": name, "step": step, **{k: round(v, 5) for k, v in values.items()}, "lr": lr,
+                row = {"stage": name, "step": step, **{k: round(v, 5) for k, v in means.items()}, "lr": lr,
                        "logit_scale": model.scale().item(), "ms_per_step": 1000 * dt / steps_in_log,
-                       "samples_per_s": samples_in_log / dt, "skipped_samples": skipped,
-                       "tflops": flops_in_log / dt / 1e12}
+                       "samples_per_s": samples_in_log / dt, **counters, "tflops": flops_in_log / dt / 1e12}
                 log(row)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("total", "gc", "itm", "mim", "mlm")})
-                sums, counts, steps_in_log, samples_in_log, flops_in_log, t_log = {}, {}, 0, 0, 0.0, time.time()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "gc", "itm", "mim", "mlm")})
+                interval, new_skips, steps_in_log, samples_in_log, flops_in_log, t_log = {}, 0, 0, 0, 0.0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and world is not None and rank == 0:
                 model.eval()
                 log({"step": step, "zeroshot_top1": evaluation.quick_eval(model, tokenizer, world, device, autocast,
@@ -449,7 +517,7 @@ def main(argv=None):
     bar.close()
     save_checkpoint(step)
     train_time = time.time() - t_start
-    print0(f"training done in {train_time:.0f} s ({skipped} unreadable samples skipped)")
+    print0(f"training done in {train_time:.0f} s; {counters}")
 
     # ---- end of run: evaluate on held-out data ------------------------------------------------
     if cfg.eval and rank == 0:
@@ -460,7 +528,8 @@ def main(argv=None):
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)
         print(evaluation.format_table(results))
-    if world_size > 1:
+    if world_size > 1:  # DDP's reducer goes first: freeing the process group, it could deadlock gloo on the GIL
+        del step_fn
         dist.barrier()
         dist.destroy_process_group()
 

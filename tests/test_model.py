@@ -277,8 +277,8 @@ def test_initialisation_follows_flava(tiny_cfg):
     for p in (model.image_encoder.cls_token, model.image_encoder.pos_embed, model.image_encoder.mask_token,
               model.mm_encoder.cls_token, model.text_encoder.pos_embed):
         assert p.std().item() == pytest.approx(0.02, rel=0.3) and (p != 0).all()
-    first_conv = model.image_encoder.patch_embed.net[0]
-    assert first_conv.weight.std().item() == pytest.approx(math.sqrt(2 / 12), rel=0.3)  # He: sqrt(2 / fan_in)
+    first_stage = model.image_encoder.patch_embed.stages[0]  # a 2 x 2 conv as a Linear on 12 inputs
+    assert first_stage.weight.std().item() == pytest.approx(math.sqrt(2 / 12), rel=0.3)  # He: sqrt(2 / fan_in)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07)) == LOGIT_SCALE_INIT
 
 
@@ -559,3 +559,18 @@ def test_flops_per_sample_monotone_in_keep_ratio():
             assert flops_per_sample(cfg, source, keep_ratio=0.25) == flops_per_sample(cfg, source, keep_ratio=1.0)
     with pytest.raises(ValueError):
         flops_per_sample(ModelConfig.from_preset("tiny"), "video")
+
+
+def test_conv_stem_is_a_stack_of_kernel_2_stride_2_convolutions():
+    """The stem runs as Linear layers on 2 x 2 pixel blocks (fast matmuls); it must equal the
+    kernel-2, stride-2 convolutions it stands for, so each patch sees only its own pixels."""
+    cfg = ModelConfig.from_preset("tiny", width=64, heads=2)
+    stem = FLAVA(cfg).image_encoder.patch_embed
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    z = x
+    for i, lin in enumerate(stem.stages):
+        weight = lin.weight.view(lin.out_features, 2, 2, lin.in_features // 4).permute(0, 3, 1, 2)  # (out, C, kh, kw)
+        z = F.conv2d(z, weight, lin.bias, stride=2)
+        z = F.gelu(z) if i < len(stem.stages) - 1 else z
+    torch.testing.assert_close(stem(x), z, atol=1e-5, rtol=1e-5)
+    assert z.shape == (2, cfg.width, cfg.grid, cfg.grid)

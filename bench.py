@@ -1,0 +1,322 @@
+"""Benchmark: what a training step of nanoFLAVA costs, and what FLIP's patch dropping saves.
+
+Times complete training steps (forward, backward, gradient clipping, AdamW) on random inputs after
+warm-up, synchronising before every clock read. All cases run interleaved, one step each per round in
+a shuffled order, so a noisy machine slows them alike; a ratio is the median of per-round ratios.
+Cases: the contrastive pass alone at FLIP keep ratios (arXiv 2212.00794 §3), the full paired FLAVA
+step (arXiv 2112.04482 §3.2) at keep 1.0 / 0.5, the image-only (MIM) and text-only (MLM) steps, and
+with --peer the same three steps of Hugging Face's FlavaForPreTraining at an equal config. Memory is
+measured in a fresh process per case. MFU: model FLOPs (model.flops_per_sample) over the GPU's peak.
+
+    python bench.py --preset small --batch 32 --threads 1 --peer         # CPU: the README table
+    python bench.py --preset base --device cuda --batch max [--compile]  # GPU: largest batch, MFU
+"""
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import losses
+import masking
+import model as M
+import train
+
+PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense fp16/bf16 tensor-core peaks (data sheets, SXM)
+SPECIAL_IDS, MASK_ID = tuple(range(5)), 4  # data.SPECIALS ([PAD] [UNK] [CLS] [SEP] [MASK]) open every vocabulary
+GOALS = [  # (target, slower case, faster case, goal): x times faster = median over rounds of t(slower) / t(faster)
+    ("FLIP: contrastive pass, keep 0.5 vs 1.0", ("ours", "contrastive", 1.0), ("ours", "contrastive", 0.5), 1.8),
+    ("FLIP: contrastive pass, keep 0.25 vs 1.0", ("ours", "contrastive", 1.0), ("ours", "contrastive", 0.25), 3.0),
+    ("FLIP: paired step, keep 0.5 vs 1.0", ("ours", "pairs", 1.0), ("ours", "pairs", 0.5), 1.3),
+    ("vs HF: paired step, ours at keep 1.0", ("peer", "pairs", 1.0), ("ours", "pairs", 1.0), 1.2),
+    ("vs HF: paired step, ours at keep 0.5", ("peer", "pairs", 1.0), ("ours", "pairs", 0.5), None),
+    ("vs HF: image-only (MIM) step", ("peer", "images", 1.0), ("ours", "images", 1.0), 1.0),
+    ("vs HF: text-only (MLM) step", ("peer", "texts", 1.0), ("ours", "texts", 1.0), 1.0)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(cfg, B, device, seed=0):
+    """Random uint8 images and captions of random length: [CLS] words [SEP] [PAD] ..."""
+    g, S, L = torch.Generator().manual_seed(seed), cfg.image_size, cfg.text_len
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=g)  # (B, 3, S, S)
+    length = torch.randint(L // 2, L + 1, (B,), generator=g)  # (B,)
+    attn = torch.arange(L)[None] < length[:, None]  # (B, L), True on real tokens
+    ids = torch.randint(len(SPECIAL_IDS), cfg.vocab_size, (B, L), generator=g).masked_fill(~attn, 0)  # (B, L)
+    ids[:, 0], ids[torch.arange(B), length - 1] = 2, 3  # [CLS] first, [SEP] last
+    return {"image": images.to(device), "ids": ids.to(device), "attn": attn.to(device)}
+
+
+def case_flops(cfg, case, keep):
+    """Training FLOPs per sample (3 x forward). The contrastive pass: the image tower, the text tower
+    and both projections at keep 1.0; what dropping saves is what model.flops_per_sample says it saves."""
+    if case != "contrastive":
+        return M.flops_per_sample(cfg, case, keep)
+    full = M._stem_flops(cfg) + M._encoder_flops(cfg, cfg.image_layers, 1 + cfg.num_patches)
+    full += M._encoder_flops(cfg, cfg.text_layers, cfg.text_len) + 2 * 2 * cfg.width * cfg.embed_dim
+    return 3 * full + M.flops_per_sample(cfg, "pairs", keep) - M.flops_per_sample(cfg, "pairs", 1.0)
+
+
+class Runner:
+    """A model with the optimizer half of train.py's step: its AdamW, a GradScaler for fp16, clipping."""
+
+    def setup(self, model, device, dtype):
+        self.model, self.device = model.to(device).train(), device
+        self.opt = train.make_optimizer(self.model, train.TrainConfig(), device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def update(self, loss):
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class Ours(Runner):
+    name = "nanoFLAVA"
+
+    def __init__(self, cfg, device, dtype, compile=False):
+        torch.manual_seed(0)
+        self.setup(M.FLAVA(cfg), device, dtype)
+        self.objective = losses.FLAVALoss(self.model, M.DVAE(cfg).to(device), losses.LossConfig(), MASK_ID, SPECIAL_IDS)
+        self.loss_cfgs = {}  # one LossConfig per keep ratio, reused: a compiled step guards on it
+        self.full, self.contrastive = self.objective, self._contrastive
+        if compile:
+            self.full, self.contrastive = losses.compile_step(self.objective), losses.compile_step(self._contrastive)
+
+    def _contrastive(self, images_u8, ids, attn, keep_idx):
+        """The contrastive pass of losses.FLAVALoss.pairs on its own."""
+        m = self.model
+        image_out = m.encode_image(images_u8.float() / 255, keep_idx=keep_idx)[1]  # (B, 1 + K, D)
+        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
+        return losses.contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale)
+
+    def step(self, case, keep, batch, seed):
+        with self.autocast:
+            if case == "contrastive":
+                B, P = batch["ids"].size(0), self.model.cfg.num_patches
+                gen = torch.Generator(self.device).manual_seed(seed)
+                keep_idx = masking.random_keep(B, P, keep, self.device, gen) if keep < 1 else None  # (B, K)
+                loss = self.contrastive(batch["image"], batch["ids"], batch["attn"], keep_idx)
+            else:
+                self.objective.cfg = self.loss_cfgs.setdefault(keep, losses.LossConfig(keep_ratio=keep))
+                loss = self.full(case, batch, seed)["total"]
+        self.update(loss)
+        self.model.clamp_logit_scale_()
+
+
+class Peer(Runner):
+    """Hugging Face's FlavaForPreTraining from a config equal to ours (random weights, no hub, no
+    codebook). It is handed precomputed targets: codebook indices as `mim_labels` (its DALL-E
+    codebook never runs), the BEiT mask, MLM-masked ids and labels, ITM labels. Ours draws all of
+    those and runs its dVAE inside the timed step."""
+    name = "HF"
+
+    def __init__(self, cfg, device, dtype):
+        import transformers  # only here: the peer is optional
+        transformers.logging.set_verbosity_error()
+        common = dict(hidden_size=cfg.width, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_ratio * cfg.width,
+                      layer_norm_eps=cfg.ln_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hcfg = transformers.FlavaConfig(
+            image_config=dict(common, num_hidden_layers=cfg.image_layers, image_size=cfg.image_size,
+                              patch_size=cfg.patch_size, vocab_size=cfg.codebook_size),
+            text_config=dict(common, num_hidden_layers=cfg.text_layers, vocab_size=cfg.vocab_size,
+                             max_position_embeddings=cfg.text_len),
+            multimodal_config=dict(common, num_hidden_layers=cfg.mm_layers), hidden_size=cfg.width,
+            projection_dim=cfg.embed_dim, init_codebook=False)
+        torch.manual_seed(0)
+        self.setup(transformers.FlavaForPreTraining(hcfg), device, dtype)
+        self.cfg, self.inputs = cfg, {}
+
+    def make_inputs(self, case, batch):
+        cfg, g = self.cfg, torch.Generator().manual_seed(0)
+        B, ids, attn = batch["ids"].size(0), batch["ids"].cpu(), batch["attn"].cpu()
+        mean, std = torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
+        image = dict(pixel_values=(batch["image"].cpu().float() / 255 - mean) / std,  # (B, 3, S, S) as ours normalises
+                     mim_labels=torch.randint(cfg.codebook_size, (B, cfg.num_patches), generator=g),  # (B, P)
+                     bool_masked_pos=masking.block_mask(B, cfg.grid, round(0.383 * cfg.num_patches), generator=g))
+        swap = torch.rand(B, generator=g) < 0.25  # ITM negatives: the previous sample's caption, as LossConfig
+        masked, labels = masking.text_mask(torch.where(swap[:, None], ids.roll(1, 0), ids) if case == "pairs" else ids,
+                                           mask_id=MASK_ID, special_ids=SPECIAL_IDS, vocab_size=cfg.vocab_size, generator=g)
+        text = dict(input_ids=ids, attention_mask=attn.long(), input_ids_masked=masked, mlm_labels=labels)
+        x = {"images": image, "texts": text, "pairs": {**image, **text, "itm_labels": (~swap).long()}}[case]
+        return {k: v.to(self.device) for k, v in x.items()}
+
+    def step(self, case, keep, batch, seed):
+        if case not in self.inputs:
+            self.inputs[case] = self.make_inputs(case, batch)
+        x = {k: v.clone() if k.endswith("labels") else v for k, v in self.inputs[case].items()}  # HF edits labels in place
+        with self.autocast:
+            loss = self.model(**x, return_loss=True).loss
+        self.update(loss)
+
+
+def probe(spec):
+    """Memory of one case in this process (meant to be a fresh one): a warm-up step creates the optimizer
+    state, then one measured step. `peak`: the CUDA allocator's peak, or the process's peak RSS (torch
+    runtime included). `rise`: the step's own peak above its starting level (what a bigger batch must fit),
+    from the allocator on CUDA, from the profiler's allocation records on a CPU."""
+    device, cfg, case, keep = torch.device(spec["device"]), M.ModelConfig(**spec["cfg"]), spec["case"], spec["keep"]
+    torch.set_num_threads(spec["threads"])
+    runner = (Ours if spec["side"] == "ours" else Peer)(cfg, device, train.resolve_dtype(spec["dtype"], device))
+    batch = make_batch(cfg, spec["batch"], device)
+    try:
+        runner.step(case, keep, batch, 0)
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            runner.step(case, keep, batch, 1)
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            return {"oom": False, "peak": peak, "rise": peak - base}
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step(case, keep, batch, 1)
+    level = rise = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # bytes allocated minus freed, in order
+        level += event.self_cpu_memory_usage
+        rise = max(rise, level)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"oom": False, "peak": rss, "rise": rise}
+
+
+def probe_fresh(spec):
+    with mp.get_context("spawn").Pool(1) as pool:  # a new interpreter: the peak is this case's alone
+        return pool.apply(probe, (spec,))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, default, text in [
+            ("preset", "small", "model preset: tiny | small | base"),
+            ("batch", "32", "samples per step, or 'max' (CUDA: doubled until the joint step runs out of memory)"),
+            ("dtype", "auto", "auto | fp16 | bf16 | fp32 (auto: as train.py)"),
+            ("device", "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
+            ("threads", torch.get_num_threads(), "CPU threads (1 on a machine shared with other jobs)"),
+            ("steps", 10, "timed steps per case"), ("warmup", 3, "untimed steps per case before them"),
+            ("cases", "contrastive,pairs,images,texts", "which steps to time"),
+            ("keep", "1.0,0.5,0.25", "FLIP keep ratios of the contrastive pass"),
+            ("pair_keep", "1.0,0.5", "FLIP keep ratios of the full paired step"),
+            ("mem", "true", "measure memory, in a fresh process per case: true | false"),
+            ("json", "bench.json", "where to write the results")]:
+        p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. text_len=64")
+    p.add_argument("--peer", action="store_true", help="also time Hugging Face's FlavaForPreTraining (transformers)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our step (the peer stays eager)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, cases, sets = torch.device(args.device), args.cases.split(","), dict(kv.split("=", 1) for kv in args.set)
+    kinds = {k: type(getattr(M.ModelConfig, k)) for k in sets}
+    cfg = M.ModelConfig.from_preset(args.preset, **{k: v == "true" if kinds[k] is bool else kinds[k](v)
+                                                    for k, v in sets.items()})
+    jobs = [("ours", "contrastive", float(k)) for k in args.keep.split(",") if "contrastive" in cases]
+    jobs += [("ours", "pairs", float(k)) for k in args.pair_keep.split(",") if "pairs" in cases]
+    jobs += [("ours", c, 1.0) for c in ("images", "texts") if c in cases]
+    if args.peer:
+        try:
+            import transformers  # noqa: F401
+            jobs += [("peer", c, 1.0) for c in ("pairs", "images", "texts") if c in cases]
+        except ImportError:
+            print("note: transformers is not installed; the Hugging Face comparison is skipped")
+    spec = {"cfg": asdict(cfg), "device": args.device, "dtype": args.dtype, "threads": args.threads}
+    B = None if args.batch == "max" else int(args.batch)
+    if B is None:  # double until the joint step no longer fits, each try in a fresh process
+        if device.type != "cuda":
+            raise SystemExit("--batch max finds the limit by running out of GPU memory: it needs --device cuda")
+        b = 8
+        while not probe_fresh({**spec, "side": "ours", "case": "pairs", "keep": 1.0, "batch": b})["oom"]:
+            B, b = b, 2 * b
+        if B is None:
+            raise SystemExit("not even a batch of 8 fits the joint step")
+        print(f"largest batch that fits the joint step (doubling from 8): {B}")
+    mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
+           for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
+
+    dtype = train.resolve_dtype(args.dtype, device)
+    runners = {"ours": Ours(cfg, device, dtype, args.compile)}
+    if any(side == "peer" for side, _, _ in jobs):
+        runners["peer"] = Peer(cfg, device, dtype)
+    batch, order, rng = make_batch(cfg, B, device), list(jobs), random.Random(0)
+    wall, cpu = {j: [] for j in jobs}, {j: [] for j in jobs}  # CPU time: steadier than wall time on a busy machine
+    for r in tqdm(range(args.warmup + args.steps), desc="rounds"):
+        rng.shuffle(order)
+        for job in order:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            runners[job[0]].step(job[1], job[2], batch, seed=r)
+            sync(device)
+            if r >= args.warmup:
+                wall[job].append(time.perf_counter() - t0)
+                cpu[job].append(time.process_time() - c0)
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    cpuinfo = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    info = {"gpu": gpu, "cpu": next((l.split(":")[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")),
+                                    platform.processor()), "threads": args.threads, "torch": torch.__version__}
+    print(f"\n{args.preset} preset{' ' + str(sets) if sets else ''}, batch {B}, {str(dtype)[6:]}"
+          f"{', compiled' if args.compile else ''} on {gpu or info['cpu'] + ' (' + str(args.threads) + ' threads)'}, "
+          f"torch {torch.__version__}: median of {args.steps} interleaved steps after {args.warmup} warm-up")
+    print("\n| model | step | keep | ms/step median [min-max] | samples/s | peak MiB (step rise) | TFLOP/s | MFU |\n"
+          + "|---" * 8 + "|")
+    rows = []
+    for (side, case, keep), t in wall.items():
+        med, m = statistics.median(t), mem.get((side, case, keep), {})
+        tflops = case_flops(cfg, case, keep) * B / med / 1e12
+        rows.append({"model": runners[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
+                     "cpu_ms": [1e3 * x for x in cpu[side, case, keep]], "ms_median": 1e3 * med, "samples_per_s": B / med,
+                     "tflops": tflops, "mfu": tflops / peak if peak else None, "oom": m.get("oom", False),
+                     "peak_mib": m.get("peak", 0) / 2**20, "rise_mib": m.get("rise", 0) / 2**20})
+        mem_txt = "OOM" if m.get("oom") else f"{m['peak'] / 2**20:.0f} ({m['rise'] / 2**20:.0f})" if m else "-"
+        print(f"| {runners[side].name} | {case} | {keep:g} | {1e3 * med:.0f} [{1e3 * min(t):.0f}-{1e3 * max(t):.0f}] | "
+              f"{B / med:.1f} | {mem_txt} | {tflops:.3f} | {'-' if peak is None else f'{100 * tflops / peak:.1f}%'} |")
+
+    def ratio(times, a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    checks = [{"name": n, "value": ratio(wall, a, b), "cpu_time_value": ratio(cpu, a, b), "goal": g, "op": ">="}
+              for n, a, b, g in GOALS if a in wall and b in wall]
+    m1, m5 = mem.get(("ours", "contrastive", 1.0), {}), mem.get(("ours", "contrastive", 0.5), {})
+    if m1.get("rise") and m5.get("rise"):
+        checks += [{"name": f"memory: contrastive pass {k}, keep 0.5 / 1.0", "value": m5[k] / m1[k], "goal": 0.6,
+                    "op": "<="} for k in ("rise", "peak")]
+    checks += [{"name": f"MFU: {r['case']} keep {r['keep']:g}", "value": r["mfu"], "goal": 0.4, "op": ">="}
+               for r in rows if r["mfu"] and r["model"] == "nanoFLAVA" and r["case"] == "pairs" and r["keep"] == 1.0]
+    print("\n| target | measured (wall) | by CPU time | goal | met |\n|---|---|---|---|---|")
+    for c in checks:
+        c["met"] = None if c["goal"] is None else c["value"] >= c["goal"] if c["op"] == ">=" else c["value"] <= c["goal"]
+        by_cpu, goal = f"{c['cpu_time_value']:.2f}x" if "cpu_time_value" in c else "-", f"{c['op']} {c['goal']}"
+        print(f"| {c['name']} | {c['value']:.2f}{'' if c['name'].startswith('MFU') else 'x'} | {by_cpu} | "
+              f"{goal if c['goal'] else '-'} | {'-' if c['met'] is None else 'yes' if c['met'] else 'no'} |")
+    if "peer" in runners:
+        n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in runners.items()}
+        print(f"\nparameters: nanoFLAVA {n['ours']:.1f}M, HF FlavaForPreTraining {n['peer']:.1f}M (codebook not built)")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "machine": info, "model": asdict(cfg), "dtype": str(dtype), "batch": B,
+                   "results": rows, "checks": checks}, f, indent=1)
+    print(f"wrote {args.json}")
+    return rows, checks
+
+
+if __name__ == "__main__":
+    main()

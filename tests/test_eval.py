@@ -1,0 +1,200 @@
+"""eval.py: retrieval metrics against hand-computed cases, the probe on separable and on random
+features, the VQA set against the scene graphs, masked inference's kept tokens, refusal of
+checkpoints that are not ours, and the whole suite on a tiny random checkpoint (synthetic and files)."""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as E
+from conftest import SMALL
+from model import DVAE, FLAVA, ModelConfig
+
+WORLD = data.ShapesWorld(image_size=32)
+
+
+def test_recall_at_k_by_hand_with_ties():
+    sim = torch.tensor([[0.9, 0.1, 0.5],  # query 0: its own candidate is the best   -> rank 0
+                        [0.2, 0.3, 0.3],  # query 1: tied with candidate 2, a tie counts against it -> rank 1
+                        [0.8, 0.7, 0.6]])  # query 2: two candidates above it        -> rank 2
+    assert E.recall_at_k(sim, ks=(1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    # the transpose ranks text -> image: columns 0 and 2 win outright, column 1 loses to 0.7
+    r = E.retrieval(sim, ks=(1, 2))
+    assert r == pytest.approx({"i2t_r1": 1 / 3, "i2t_r2": 2 / 3, "t2i_r1": 2 / 3, "t2i_r2": 1.0})
+    # a collapsed model (every score equal) retrieves nothing until k covers all candidates
+    assert E.recall_at_k(torch.ones(10, 10)) == {1: 0.0, 5: 0.0, 10: 1.0}
+
+
+def test_probe_separates_what_is_separable_and_nothing_else():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (600,), generator=gen)
+    means = 3 * torch.randn(4, 16, generator=gen)
+    x = means[y] + torch.randn(600, 16, generator=gen)  # (n, F): classes apart by ~4 standard deviations
+    assert E.fit_head(x, y, E.split_of(600)).float().mean() > 0.98
+    noise = torch.randn(1500, 32, generator=gen)
+    y = torch.randint(0, 4, (1500,), generator=gen)
+    rng_before, threads = torch.get_rng_state(), torch.get_num_threads()
+    correct = E.fit_head(noise, y, E.split_of(1500))
+    assert len(correct) == 300 and abs(correct.float().mean().item() - 0.25) < 0.08  # chance: 1/4
+    assert torch.equal(torch.get_rng_state(), rng_before) and torch.get_num_threads() == threads
+
+
+def test_splits_are_contiguous_and_disjoint():
+    split = E.split_of(10)
+    assert split.tolist() == [0] * 6 + [1] * 2 + [2] * 2
+
+
+def test_vqa_set_matches_the_scene_graphs():
+    scenes, rows = E.vqa_set(WORLD, 150)
+    answers, kinds = WORLD.answers(), set()
+    for i, question, label, kind in rows:
+        scene, answer = scenes[i], answers[label]
+        assert scene == WORLD.scene("val", E.FIRST["scenes"] + i)  # the row points at its own scene
+        objects = scene["objects"]
+        if kind == "count":
+            assert answer == str(len(objects))
+        elif kind == "colour":
+            assert [o["colour"] for o in objects if o["shape"] == question.split()[-1][:-1]] == [answer]
+        elif kind == "yesno":
+            colour, shape = question[len("is there a "):-1].split()
+            assert answer == ("yes" if any((o["colour"], o["shape"]) == (colour, shape) for o in objects) else "no")
+        else:
+            assert kind == "which" and answer in {o["shape"] for o in objects}
+        kinds.add(kind)
+    assert kinds == set(E.QUESTION_TYPES.values())
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(tokenizer().vocab)})
+    return FLAVA(cfg).eval(), DVAE(cfg).eval(), cfg
+
+
+def tokenizer():
+    return data.Tokenizer([*data.SPECIALS, *WORLD.vocabulary()])
+
+
+def test_masked_inference_keeps_the_right_number_of_patches():
+    model, _, cfg = tiny_model()
+    outputs, encode = [], model.encode_image
+
+    def spy(images, patch_masked=None, keep_idx=None):  # records what the image encoder returned
+        hidden, out = encode(images, patch_masked, keep_idx)
+        outputs.append((keep_idx, out))
+        return hidden, out
+
+    model.encode_image = spy
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    labels, held = torch.randint(0, 3, (10,)), torch.zeros(10, dtype=torch.bool)
+    names, off = ["red circle", "blue star", "green square"], torch.autocast("cpu", enabled=False)
+    results = E.zero_shot(model, tokenizer(), images, labels, held, names, ("a {}.",), "cpu", off, drops=(50, 75))
+    assert list(results) == ["zeroshot_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1"]
+    assert outputs[0][0] is None and outputs[0][1].shape[1] == 1 + 16  # unmasked: [CLS_I] + all 16 patches
+    for (keep_idx, out), kept in zip(outputs[1:], (8, 4)):  # 50% and 75% of the 4 x 4 grid dropped
+        assert keep_idx.shape == (10, kept) and out.shape[1] == 1 + kept
+        assert all(len(set(row.tolist())) == kept for row in keep_idx)  # distinct patches per image
+    class_emb = E.class_embeddings(model, tokenizer(), names, ("a {}.",), "cpu", off)
+    for key, (_, out) in zip(results, outputs):  # each accuracy is read from its own pass
+        assert results[key] == pytest.approx(((model.image_embed(out) @ class_emb.T).argmax(1) == labels).float().mean())
+    emb = E.image_features(model, images, "cpu", off)[1]  # the unmasked pass is the model's own embedding
+    assert torch.allclose(emb, model.image_embeddings(images.float() / 255), atol=1e-6)
+
+
+class Payload:
+    """Unpickling this would run code: here, create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
+    model, dvae, cfg = tiny_model()
+    good = {"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(), "model_cfg": asdict(cfg),
+            "step": 0, "vocab": tokenizer().vocab}
+    marker = tmp_path / "code_ran"
+    cases = {"code.pt": {**good, "extra": Payload(str(marker))}, "keys.pt": {"model": model.state_dict()},
+             "format.pt": {**good, "format": "other"}}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+    (tmp_path / "bytes.pt").write_bytes(os.urandom(4096))
+    expected = {"code.pt": "refusing", "keys.pt": "not a nanoFLAVA checkpoint", "format.pt": "not a nanoFLAVA",
+                "bytes.pt": "refusing|cannot read", "missing.pt": "does not exist"}
+    for name, message in expected.items():
+        with pytest.raises(SystemExit, match=message):
+            E.main(["--ckpt", str(tmp_path / name), "--skip_figures"])
+    assert not marker.exists()  # the pickled code never ran
+
+
+KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "itm_acc",
+        "zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1",
+        "probe_image_shape", "probe_image_colour", "probe_image_count", "probe_text_count", "probe_text_relation",
+        *(f"vqa_{h}{k}" for h in ("multimodal", "image_only", "text_only")
+          for k in ("", "_count", "_colour", "_yesno", "_which")),
+        "dvae_recon_mse", "dvae_perplexity", "dvae_codes_used", "skipped_files", "step", "eval_seconds"}
+
+
+def write_checkpoint(folder):
+    model, dvae, cfg = tiny_model()
+    torch.save({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
+                "model_cfg": asdict(cfg), "step": 7, "vocab": tokenizer().vocab, "train_cfg": {"seed": 0, "pairs": ""},
+                "loss_cfg": {"mask_ratio": 0.383}}, folder / "ckpt.pt")
+    with open(folder / "log.jsonl", "w") as f:
+        for step in range(0, 50, 10):
+            f.write(json.dumps({"stage": "joint", "step": step, "total": 9 - step / 10, "gc": 4.0 - step / 100}) + "\n")
+        f.write('{"step": 60, "tot')  # a line cut off by a crash
+    return folder / "ckpt.pt"
+
+
+def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path):
+    ckpt = write_checkpoint(tmp_path)
+    E.main(["--ckpt", str(ckpt), "--n_pairs", "24", "--per_class", "2", "--n_probe", "40"])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == KEYS
+    assert results["retrieval_pairs"] == 24 and results["step"] == 7 and results["skipped_files"] == 0
+    assert all(0 <= results[k] <= 1 for k in KEYS if k.startswith(("i2t", "t2i", "zeroshot", "probe", "itm")))
+    for name in ("retrieval.png", "masks.png", "dvae.png", "loss_curves.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.width > 100 and img.height > 50
+
+
+def test_files_replace_the_synthetic_data(tmp_path):
+    ckpt = write_checkpoint(tmp_path)
+    rng, rows = np.random.default_rng(0), []
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+        rows.append({"image": f"p{i}.png", "caption": f"a red square number {i}"})
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows += [{"image": "broken.png", "caption": "unreadable"}, {"image": "../escape.png", "caption": "outside"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n{not json\n")
+    for c, name in enumerate(("red_square", "blue_circle", "green_star")):  # listed class after class
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(10):
+            grey = np.full((32, 32, 3), 40 + 90 * c, dtype=np.uint8)  # each class one flat grey
+            Image.fromarray(grey).save(tmp_path / "classes" / name / f"{i}.png")
+    (tmp_path / "classes" / "red_square" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    lines = [f"{label}\tthere is a {colour} star" for label, colour in (("a", "red"), ("b", "blue"), ("c", "green"))
+             for _ in range(10)]  # label after label
+    (tmp_path / "texts.tsv").write_text("\n".join(lines + ["no label here"]))
+    out = tmp_path / "out"
+    E.main(["--ckpt", str(ckpt), "--out_dir", str(out), "--pairs", str(tmp_path / "pairs.jsonl"), "--classes",
+            str(tmp_path / "classes"), "--texts", str(tmp_path / "texts.tsv"), "--n_probe", "40", "--skip_figures"])
+    results = json.loads((out / "eval.json").read_text())
+    assert results["retrieval_pairs"] == 14  # the broken image is dropped, not replaced by its neighbour
+    assert results["skipped_files"] == 1 + 2 + 1  # broken.png; the escaping and malformed rows; bad.jpg
+    # the probes' splits mix the classes (a split by position of the sorted files would test on unseen classes)
+    assert results["probe_image_class"] == 1.0 and results["probe_text_label"] == 1.0
+    assert {"probe_image_class", "probe_text_label", "zeroshot_top1", "zeroshot_drop75_top1"} <= set(results)
+    assert "zeroshot_heldout_top1" not in results and not list(out.glob("*.png"))
+    with pytest.raises(SystemExit, match="not found"):
+        E.main(["--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
+    (tmp_path / "plain.txt").write_text("no tabs\nat all\n")
+    with pytest.raises(SystemExit, match="label<TAB>text"):
+        E.main(["--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])
