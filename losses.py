@@ -148,7 +148,7 @@ class LossConfig:
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
     mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
     itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
-    masked_fraction: float = 1.0  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
+    masked_fraction: float = 0.25  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
     itm_weight: float = 1.0

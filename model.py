@@ -492,11 +492,12 @@ def _stem_flops(cfg: ModelConfig) -> float:
 
 
 def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
-                     mlm_prob: float = 0.15) -> float:
+                     mlm_prob: float = 0.15, masked_fraction: float = 1.0) -> float:
     """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
     the matmuls and convolutions that dominate (PaLM's MFU convention, arXiv 2204.02311 App. B):
     the patch embedding, every encoder pass, the heads at the positions losses.py applies them
-    to, and the dVAE encoder's target pass (forward only, no gradient)."""
+    to, and the dVAE encoder's target pass (forward only, no gradient). A paired batch runs its
+    masked pass (and the dVAE) on a masked_fraction of its rows."""
     D, P, L, V, C = cfg.width, cfg.num_patches, cfg.text_len, cfg.vocab_size, cfg.codebook_size
     K = max(1, round(P * keep_ratio))
     n_img, n_txt = max(1, round(mask_ratio * P)), math.floor(mlm_prob * L) + 1  # as losses.FLAVALoss
@@ -520,7 +521,7 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
     masked = image(1 + P) + text + 2 * (1 + P + L) * D * D  # both encoders again + image_to_mm / text_to_mm
     masked += _encoder_flops(cfg, cfg.mm_layers, 2 + P + L) + head(n_img, C) + head(n_txt, V)
     masked += 2 * (D * D + 2 * D)  # ITM pooler + classifier
-    return 3 * (contrastive + masked) + dvae
+    return 3 * (contrastive + masked_fraction * masked) + masked_fraction * dvae
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with th
 
 
 @dataclass
-class TrainConfig:
-    preset: str = "tiny"  # model preset (tiny | small | base); model flags override its fields
+class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 minutes on 2 CPU cores)
+    preset: str = "tiny"  # model and recipe preset (tiny | small | base); explicit flags override its values
     out_dir: str = "out"  # where config.json, log.jsonl, dvae.pt, ckpt.pt and eval.json go
     pairs: str = ""  # JSONL/CSV manifest of image-caption pairs; empty = the synthetic shapes world
     images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
@@ -54,18 +54,18 @@ class TrainConfig:
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
     batch_size: int = 128  # global batch per step, split evenly over ranks
-    steps: int = 900  # joint FLAVA steps (stage 3)
-    lr: float = 2e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
+    steps: int = 800  # joint FLAVA steps (stage 3)
+    lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
     min_lr: float = 1e-4  # end of the cosine
     warmup: int = 60  # linear warmup steps of each stage (paper: 10,000)
     weight_decay: float = 0.1  # AdamW decay on weight matrices only (paper: 0.1)
     beta2: float = 0.98  # AdamW beta2 (paper: 0.999; 0.98 is steadier for short runs)
     grad_clip: float = 1.0  # clip the global gradient norm (after unscaling)
-    p_pairs: float = 0.7  # share of steps drawing a paired batch (paper: 0.70)
-    p_images: float = 0.15  # share of image-only (MIM) steps (paper: 0.15)
-    p_texts: float = 0.15  # share of text-only (MLM) steps (paper: 0.15)
+    p_pairs: float = 0.9  # share of steps drawing a paired batch (paper: 0.70)
+    p_images: float = 0.05  # share of image-only (MIM) steps (paper: 0.15)
+    p_texts: float = 0.05  # share of text-only (MLM) steps (paper: 0.15)
     dvae_ckpt: str = ""  # a trained dvae.pt to reuse; stage 1 is skipped
-    dvae_steps: int = 300  # stage 1: dVAE training steps
+    dvae_steps: int = 200  # stage 1: dVAE training steps
     dvae_lr: float = 1e-3  # stage 1 learning rate
     dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
     masked_ramp: int = 0  # joint steps over which the masked objectives' weights rise 0 -> 1 (contrastive first)
@@ -83,10 +83,24 @@ class TrainConfig:
     eval_every: int = 0  # steps between zero-shot checks during training (0 = only at the end; synthetic world)
 
 
+# What a preset changes beyond the model (TrainConfig and LossConfig fields). `tiny` is the
+# dataclass defaults, tuned so the default run learns in minutes (README, "Tuning"); `base` is the
+# paper's recipe (FLAVA §3.4: batch 8192, lr 1e-3, 10k warmup, AdamW beta2 0.999, 0.70/0.15/0.15)
+# with FLIP's 50% patch dropping in the contrastive pass.
+RECIPES = {
+    "tiny": {},
+    "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
+                  p_texts=0.15, masked_fraction=1.0, dvae_steps=5000, log_every=50, ckpt_every=1000),
+    "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
+                 p_images=0.15, p_texts=0.15, masked_fraction=1.0, dvae_steps=20_000, log_every=100,
+                 ckpt_every=2000),
+}
+
+
 def _field_help(cls) -> dict:
     """The `# comment` after each dataclass field, read from the source: one text, two uses."""
     pattern = re.compile(r"^\s+(\w+): [^=]+=.*?#\s*(.*)$")
-    return {m[1]: m[2] for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+    return {m[1]: m[2].replace("%", "%%") for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
 
 
 def _parse_bool(text: str) -> bool:
@@ -98,7 +112,9 @@ def _parse_bool(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    """CLI generated from TrainConfig, ModelConfig and LossConfig. Model flags default to the preset."""
+    """CLI generated from TrainConfig, ModelConfig and LossConfig. A value comes from the flag if
+    given, else from the preset (model fields: PRESETS in model.py; the rest: RECIPES), else from
+    the dataclass default."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for title, cls in (("training", TrainConfig), ("model (defaults from --preset)", ModelConfig),
                        ("losses", LossConfig)):
@@ -106,17 +122,21 @@ def parse_args(argv=None):
         for f in fields(cls):
             kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(str(f.type), None)
             kind = kind or (f.type if callable(f.type) else str)
-            default = None if cls is ModelConfig else f.default
+            default = "preset" if cls is ModelConfig else f.default
             bare = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # a bare --resume means true
-            group.add_argument(f"--{f.name}", type=kind, default=default, metavar=type(f.default).__name__.upper(),
-                               help=f"{helps.get(f.name, '')} (default: {'preset' if default is None else f.default})",
-                               **bare)
+            group.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
+                               help=f"{helps.get(f.name, '')} (default: {default})", **bare)
     args = vars(parser.parse_args(argv))  # an unknown flag exits here (status 2), naming it
-    train = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
-    overrides = {f.name: args[f.name] for f in fields(ModelConfig) if args[f.name] is not None}
+    given = {k: v for k, v in args.items() if v is not None}
+    preset = given.get("preset", TrainConfig.preset)
+    if preset not in RECIPES:
+        parser.error(f"unknown preset {preset!r}; choose one of {sorted(RECIPES)}")
+    values = {**RECIPES[preset], **given}
+    train = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
+    overrides = {f.name: values[f.name] for f in fields(ModelConfig) if f.name in values}
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's, read before any process group exists
     try:  # every impossible combination fails here, before any work, naming the fields involved
-        loss = LossConfig(**{f.name: args[f.name] for f in fields(LossConfig)})
+        loss = LossConfig(**{f.name: values[f.name] for f in fields(LossConfig) if f.name in values})
         ModelConfig.from_preset(train.preset, **overrides)
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
@@ -436,7 +456,7 @@ def main(argv=None):
     plan = stages(cfg)
     total = sum(n for _, _, n in plan)
     flops = {(name, src): flops_per_sample(mcfg, src, 1.0 if name == "unmasked" else loss_cfg.keep_ratio,
-                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob)
+                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction)
              for name, _, _ in plan for src in data.SOURCES}
     bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
     interval, t_log, steps_in_log, samples_in_log, flops_in_log = {}, time.time(), 0, 0, 0.0

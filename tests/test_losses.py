@@ -37,6 +37,7 @@ def make_loss(cfg, seed=0, **loss_kw):
     model, dvae = FLAVA(cfg), DVAE(cfg)
     with torch.no_grad():  # let the untrained dVAE produce varied codes (see test_model._dvae)
         dvae.encoder[-1].bias.zero_()
+    loss_kw.setdefault("masked_fraction", 1.0)  # the paper's step: every pair also takes the masked pass
     return FLAVALoss(model, dvae, LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS)
 
 
@@ -392,3 +393,17 @@ def test_the_model_overfits_one_small_batch():
     assert last["total"] < 0.1 * first["total"]
     assert last["gc"] < 0.1 and last["mmm_text"] < 0.2
     assert all(math.isfinite(h["total"]) for h in history)
+
+
+def test_masked_fraction_runs_the_masked_pass_on_the_first_rows_only():
+    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole
+    batch, the multimodal encoder only the first round(fraction * B) rows."""
+    cfg = ModelConfig.from_preset("tiny", width=32, heads=2, image_layers=1, text_layers=1, image_size=32,
+                                  dvae_layers=3, codebook_size=32, vocab_size=50)
+    loss_fn = make_loss(cfg, masked_fraction=0.25)
+    seen = {}
+    real = loss_fn.model.encode_multimodal
+    loss_fn.model.encode_multimodal = lambda i, t, a: seen.setdefault("rows", i.size(0)) and real(i, t, a)
+    out = loss_fn("pairs", make_batch(cfg, 16), seed=0)
+    assert seen["rows"] == 4 and set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"}
+    assert all(torch.isfinite(v) for v in out.values())

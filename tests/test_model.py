@@ -509,7 +509,8 @@ def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, ml
     torch.manual_seed(0)
     model, dvae = FLAVA(cfg), DVAE(cfg)
     loss_fn = losses.FLAVALoss(model, dvae, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
-                                                              mlm_prob=mlm_prob), mask_id=4, special_ids=SPECIALS)
+                                                              mlm_prob=mlm_prob, masked_fraction=1.0),
+                               mask_id=4, special_ids=SPECIALS)
     images = (rand_images(B, cfg.image_size) * 255).to(torch.uint8)
     ids, attn = rand_text(B, cfg.text_len, cfg.vocab_size, min_len=cfg.text_len)  # no padding: L tokens each
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
