@@ -58,11 +58,11 @@ def make_batch(cfg, B, device, seed=0):
     return {"image": images.to(device), "ids": ids.to(device), "attn": attn.to(device)}
 
 
-def case_flops(cfg, case, keep):
+def case_flops(cfg, case, keep, masked_fraction=1.0):
     """Training FLOPs per sample (3 x forward). The contrastive pass: the image tower, the text tower
     and both projections at keep 1.0; what dropping saves is what model.flops_per_sample says it saves."""
     if case != "contrastive":
-        return M.flops_per_sample(cfg, case, keep)
+        return M.flops_per_sample(cfg, case, keep, masked_fraction=masked_fraction)
     full = M._stem_flops(cfg) + M._encoder_flops(cfg, cfg.image_layers, 1 + cfg.num_patches)
     full += M._encoder_flops(cfg, cfg.text_layers, cfg.text_len) + 2 * 2 * cfg.width * cfg.embed_dim
     return 3 * full + M.flops_per_sample(cfg, "pairs", keep) - M.flops_per_sample(cfg, "pairs", 1.0)
@@ -89,11 +89,12 @@ class Runner:
 class Ours(Runner):
     name = "nanoFLAVA"
 
-    def __init__(self, cfg, device, dtype, compile=False):
+    def __init__(self, cfg, device, dtype, compile=False, masked_fraction=1.0):
         torch.manual_seed(0)
         self.setup(M.FLAVA(cfg), device, dtype)
         self.loss_cfgs = {}  # one LossConfig per keep ratio, reused (a compiled step guards on it); the full
-        # FLAVA step: the masked pass on the whole batch (masked_fraction 1.0), as Hugging Face's runs it
+        # FLAVA step runs the masked pass on the whole batch (masked_fraction 1.0), as Hugging Face's does
+        self.masked_fraction = masked_fraction
         dvae = M.DVAE(cfg).to(device)
         self.objective = losses.FLAVALoss(self.model, dvae, self.loss_config(1.0), MASK_ID, SPECIAL_IDS)
         self.full, self.contrastive = self.objective, self._contrastive
@@ -101,7 +102,8 @@ class Ours(Runner):
             self.full, self.contrastive = losses.compile_step(self.objective), losses.compile_step(self._contrastive)
 
     def loss_config(self, keep):
-        return self.loss_cfgs.setdefault(keep, losses.LossConfig(keep_ratio=keep, masked_fraction=1.0))
+        return self.loss_cfgs.setdefault(keep, losses.LossConfig(keep_ratio=keep,
+                                                                     masked_fraction=self.masked_fraction))
 
     def _contrastive(self, images_u8, ids, attn, keep_idx):
         """The contrastive pass of losses.FLAVALoss.pairs on its own."""
@@ -178,7 +180,9 @@ def probe(spec):
     from the allocator on CUDA, from the profiler's allocation records on a CPU."""
     device, cfg, case, keep = torch.device(spec["device"]), M.ModelConfig(**spec["cfg"]), spec["case"], spec["keep"]
     torch.set_num_threads(spec["threads"])
-    runner = (Ours if spec["side"] == "ours" else Peer)(cfg, device, train.resolve_dtype(spec["dtype"], device))
+    dtype = train.resolve_dtype(spec["dtype"], device)
+    runner = Ours(cfg, device, dtype, masked_fraction=spec.get("masked_fraction", 1.0)) if spec["side"] == "ours" else \
+        Peer(cfg, device, dtype)
     batch = make_batch(cfg, spec["batch"], device)
     try:
         runner.step(case, keep, batch, 0)
@@ -220,6 +224,7 @@ def parse_args(argv):
             ("keep", "1.0,0.5,0.25", "FLIP keep ratios of the contrastive pass"),
             ("pair_keep", "1.0,0.5", "FLIP keep ratios of the full paired step"),
             ("mem", "true", "measure memory, in a fresh process per case: true | false"),
+            ("masked_fraction", 1.0, "share of a paired batch in the masked pass (1.0 = FLAVA; tiny recipe: 0.25)"),
             ("json", "bench.json", "where to write the results")]:
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. text_len=64")
@@ -244,7 +249,8 @@ def main(argv=None):
             jobs += [("peer", c, 1.0) for c in ("pairs", "images", "texts") if c in cases]
         except ImportError:
             print("note: transformers is not installed; the Hugging Face comparison is skipped")
-    spec = {"cfg": asdict(cfg), "device": args.device, "dtype": args.dtype, "threads": args.threads}
+    spec = {"cfg": asdict(cfg), "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "masked_fraction": args.masked_fraction}
     B = None if args.batch == "max" else int(args.batch)
     if B is None:  # double until the joint step no longer fits, each try in a fresh process
         if device.type != "cuda":
@@ -259,7 +265,7 @@ def main(argv=None):
            for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
 
     dtype = train.resolve_dtype(args.dtype, device)
-    runners = {"ours": Ours(cfg, device, dtype, args.compile)}
+    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction)}
     if any(side == "peer" for side, _, _ in jobs):
         runners["peer"] = Peer(cfg, device, dtype)
     batch, order, rng = make_batch(cfg, B, device), list(jobs), random.Random(0)
@@ -287,7 +293,7 @@ def main(argv=None):
     rows = []
     for (side, case, keep), t in wall.items():
         med, m = statistics.median(t), mem.get((side, case, keep), {})
-        tflops = case_flops(cfg, case, keep) * B / med / 1e12
+        tflops = case_flops(cfg, case, keep, args.masked_fraction) * B / med / 1e12
         rows.append({"model": runners[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
                      "ms_median": 1e3 * med, "samples_per_s": B / med, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "oom": m.get("oom", False),

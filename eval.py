@@ -461,10 +461,16 @@ def main(argv=None):
     log, mask_ratio = os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+    path = os.path.join(out_dir, "eval.json")
+    try:  # the training run's own timings, written there by train.py, stay beside the suite's figures
+        with open(path) as f:
+            results.update({k: v for k, v in json.load(f).items() if k in ("train_seconds", "wall_seconds")})
+    except (OSError, ValueError, AttributeError):
+        pass
+    with open(path, "w") as f:
         json.dump({k: None if v != v else v for k, v in results.items()}, f, indent=1)  # NaN (no test rows): null
     print(format_table(results))
-    print("\n".join(f"wrote {p}" for p in [os.path.join(out_dir, "eval.json"), *figures]))
+    print("\n".join(f"wrote {p}" for p in [path, *figures]))
 
 
 if __name__ == "__main__":

@@ -143,12 +143,12 @@ def codebook_stats(codes, codebook_size: int):
 
 @dataclass
 class LossConfig:
-    keep_ratio: float = 0.5  # FLIP: share of patches the contrastive pass keeps (1.0 = FLAVA's unmasked pass)
+    keep_ratio: float = 1.0  # FLIP: share of patches the contrastive pass keeps (1.0 = FLAVA's unmasked pass)
     mask_ratio: float = 0.383  # BEiT: share of patches masked for MIM / MMM (FLAVA: 75 of 196)
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
     mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
     itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
-    masked_fraction: float = 0.25  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
+    masked_fraction: float = 0.125  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
     itm_weight: float = 1.0

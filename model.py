@@ -43,12 +43,12 @@ class ModelConfig:
     text_layers: int = 2  # depth of the text encoder (paper: 12)
     mm_layers: int = 1  # depth of the multimodal encoder (paper: 6)
     vocab_size: int = 512  # V: word-piece vocabulary (set from the tokenizer at run time)
-    text_len: int = 32  # L: fixed text length with padding (FLIP: 32, CLIP: 77)
+    text_len: int = 24  # L: fixed text length with padding (FLIP: 32, CLIP: 77; the world's captions: <= 23)
     embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
     image_pool: str = "cls"  # contrastive image feature: "cls" = [CLS_I] (FLAVA), "mean" = mean of patch tokens (FLIP)
     codebook_size: int = 256  # C: dVAE codebook size = MIM / MMM-image vocabulary (DALL-E: 8192)
     dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
-    dvae_hidden: int = 64  # dVAE conv width
+    dvae_hidden: int = 32  # dVAE conv width
     dvae_code_dim: int = 32  # width of a codebook vector
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
     grad_ckpt: bool = False  # recompute each block in backward: less activation memory, ~30% more compute
