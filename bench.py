@@ -73,7 +73,7 @@ class Runner:
 
     def setup(self, model, device, dtype):
         self.model, self.device = model.to(device).train(), device
-        self.opt = train.make_optimizer(self.model, train.TrainConfig(), device)
+        self.opt = train.make_optimizer(self.model, train.TrainConfig())
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
