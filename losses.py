@@ -176,10 +176,15 @@ class LossConfig:
 
 
 def compile_step(step):
-    """torch.compile a FLAVA step. Its block masks are drawn in plain Python (random.Random), which
-    dynamo cannot trace, so they run eagerly (one graph break); static shapes (dynamic=False) give
-    one graph per kind of batch, and avoid an inductor failure seen with dynamic shapes (torch 2.11)."""
-    masking.block_mask = torch.compiler.disable(masking.block_mask)
+    """torch.compile a FLAVA step: its computation (FLAVALoss.step), not its random draws. The draws
+    (FLAVALoss.draw) stay eager: BEiT's block masks come from plain Python (random.Random), and a
+    compiled frame holding the per-step seed or its generators would recompile at every step. Static
+    shapes (dynamic=False) give one graph per kind of batch, and avoid an inductor failure seen with
+    dynamic shapes (torch 2.11). Any other callable (bench.py's contrastive pass) is compiled whole."""
+    module = getattr(step, "module", step)  # through DistributedDataParallel
+    if isinstance(module, FLAVALoss):
+        module.step = torch.compile(module.step, dynamic=False)
+        return step
     return torch.compile(step, dynamic=False)
 
 
@@ -204,17 +209,31 @@ class FLAVALoss(nn.Module):
         self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bound per row
 
     def forward(self, source: str, batch: dict, seed: int):
-        device = next(self.model.parameters()).device
+        """The named losses and their weighted `total` for one batch of one source."""
+        return self.step(source, batch, self.draw(source, batch, seed))
+
+    @torch.compiler.disable
+    def draw(self, source: str, batch: dict, seed: int) -> dict:
+        """Every random choice of the step, as tensors: kept patches, ITM swaps, image and text masks."""
+        ids = batch["ids"] if "ids" in batch else None
+        device = (ids if ids is not None else batch["image"]).device
         gen_cpu = torch.Generator().manual_seed(seed)  # block masks are drawn on the CPU
         gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
         if source == "pairs":
-            losses = self.pairs(batch["image"], batch["ids"], batch["attn"], gen, gen_cpu)
+            return self.draw_pairs(ids, batch["attn"], gen, gen_cpu)
+        if source == "images":
+            return {"patch_masked": self._block_mask(batch["image"].size(0), gen_cpu, device)}  # (B, P)
+        if source == "texts":
+            return dict(zip(("masked_ids", "labels"), self._text_mask(ids, gen)))  # (B, L) each
+        raise ValueError(f"unknown source {source!r}; expected pairs, images or texts")
+
+    def step(self, source: str, batch: dict, draws: dict) -> dict:
+        if source == "pairs":
+            losses = self.pairs(batch["image"], batch["ids"], batch["attn"], draws)
         elif source == "images":
-            losses = self.images(batch["image"], gen_cpu)
-        elif source == "texts":
-            losses = self.texts(batch["ids"], batch["attn"], gen)
+            losses = self.images(batch["image"], draws["patch_masked"])
         else:
-            raise ValueError(f"unknown source {source!r}; expected pairs, images or texts")
+            losses = self.texts(draws["masked_ids"], batch["attn"], draws["labels"])
         c = self.cfg
         weights = {"gc": c.gc_weight, "itm": c.itm_weight, "mmm_image": c.mmm_image_weight,
                    "mmm_text": c.mmm_text_weight, "mim": c.mim_weight, "mlm": c.mlm_weight}
@@ -236,68 +255,71 @@ class FLAVALoss(nn.Module):
 
     # -- image-only batch: MIM (FLAVA §3.3, BEiT) ---------------------------------------------
 
-    def images(self, images_u8, gen_cpu):
+    def images(self, images_u8, patch_masked):
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the dVAE's input too
         codes = self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
-        patch_masked = self._block_mask(images.size(0), gen_cpu, images.device)  # (B, P)
-        out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D)
+        out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D), patch_masked (B, P)
         labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
         return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked)}
 
     # -- text-only batch: MLM (FLAVA §3.3, BERT) ----------------------------------------------
 
-    def texts(self, ids, attn, gen):
-        masked_ids, labels = self._text_mask(ids, gen)  # (B, L), (B, L)
-        out = self.model.encode_text(masked_ids, attn)[1]  # (B, L, D)
+    def texts(self, masked_ids, attn, labels):
+        out = self.model.encode_text(masked_ids, attn)[1]  # (B, L, D) from the BERT-masked ids (B, L)
         return {"mlm": masked_prediction(self.model.mlm_head, out, labels, self.k_text)}
 
     # -- paired batch: GC + ITM + MMM (FLAVA §3.2) --------------------------------------------
 
-    def pairs(self, images_u8, ids, attn, gen, gen_cpu):
-        m, c = self.model, self.cfg
-        B, P, L = ids.size(0), m.cfg.num_patches, ids.size(1)
-        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
-
-        # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
-        keep_idx = None
-        if c.keep_ratio < 1:
-            keep_idx = masking.random_keep(B, P, c.keep_ratio, device=images.device, generator=gen)  # (B, K)
-        image_out = m.encode_image(images, keep_idx=keep_idx)[1]  # (B, 1 + K, D)
-        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
-        gc = contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale, c.backprop)
-        # Every contrastive row is a true pair: the ITM negatives below are made inside this step,
-        # after the contrastive pass, instead of in the data (where TorchMultimodal makes them and
-        # must then drop them from the contrastive rows).
-
+    def draw_pairs(self, ids, attn, gen, gen_cpu):
+        """The paired step's random choices, in one fixed order (so a seed gives the same step)."""
+        c, B, P = self.cfg, ids.size(0), self.model.cfg.num_patches
+        # FLIP: the patches the contrastive pass keeps (none dropped at keep_ratio 1: FLAVA).
+        keep_idx = masking.random_keep(B, P, c.keep_ratio, device=ids.device, generator=gen) if c.keep_ratio < 1 \
+            else None  # (B, K)
         # The masked pass may run on the first n rows only (masked_fraction): the contrastive loss
         # gains from every extra negative, MMM and ITM much less, and the masked pass costs more.
         n = max(1, round(B * c.masked_fraction))
-        images, codes = images[:n], self.dvae.codebook_indices(images[:n])  # (n, 3, S, S), (n, P)
-
-        # 2. ITM negatives: swap a share of captions for another sample's caption. The partner is
+        # ITM negatives: swap a share of captions for another sample's caption. The partner is
         # uniform over the *other* rows; the label is 0 only if the swapped caption really differs.
         swap = torch.rand(n, device=ids.device, generator=gen) < c.itm_neg_prob  # (n,)
         partner = (torch.arange(n, device=ids.device) + torch.randint(1, max(B, 2), (n,), device=ids.device,
                                                                      generator=gen)) % B  # (n,), != own row
         swap = swap & (ids[partner] != ids[:n]).any(dim=1)
         mm_ids = torch.where(swap[:, None], ids[partner], ids[:n])  # (n, L)
-        mm_attn = torch.where(swap[:, None], attn[partner], attn[:n])  # (n, L)
-        matched = ~swap  # (n,) the positive mask: True for a real pair
-        itm_labels = matched.long()  # (n,)
+        patch_masked = self._block_mask(n, gen_cpu, ids.device)  # (n, P) BEiT blocks
+        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (n, L), (n, L) BERT 80/10/10
+        return {"keep_idx": keep_idx, "matched": ~swap, "mm_attn": torch.where(swap[:, None], attn[partner], attn[:n]),
+                "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
 
-        # 3. Masked pass: BEiT-masked image + BERT-masked text through both encoders and the fusion.
-        patch_masked = self._block_mask(n, gen_cpu, images.device)  # (n, P)
-        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (n, L), (n, L)
+    def pairs(self, images_u8, ids, attn, draws):
+        m, c = self.model, self.cfg
+        B, P, L = ids.size(0), m.cfg.num_patches, ids.size(1)
+        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
+
+        # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
+        image_out = m.encode_image(images, keep_idx=draws["keep_idx"])[1]  # (B, 1 + K, D)
+        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
+        gc = contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale, c.backprop)
+        # Every contrastive row is a true pair: the ITM negatives (draw_pairs) are made inside this
+        # step, after the contrastive pass, instead of in the data (where TorchMultimodal makes them
+        # and must then drop them from the contrastive rows).
+
+        # 2. The masked pass on the first n rows: BEiT-masked image + BERT-masked text (with the ITM
+        # negatives' captions swapped in) through both encoders and the fusion.
+        patch_masked, matched = draws["patch_masked"], draws["matched"]  # (n, P), (n,): True for a real pair
+        mm_attn = draws["mm_attn"]  # (n, L)
+        n = matched.size(0)
+        images, codes = images[:n], self.dvae.codebook_indices(images[:n])  # (n, 3, S, S), (n, P)
         image_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
-        text_hidden = m.encode_text(masked_ids, mm_attn)[0]  # (n, L, D) pre-LN
+        text_hidden = m.encode_text(draws["masked_ids"], mm_attn)[0]  # (n, L, D) pre-LN
         mm = m.encode_multimodal(image_hidden, text_hidden, mm_attn)  # (n, M, D)
-        itm = itm_loss(m.itm_head(mm[:, 0]), itm_labels)  # ITM reads the masked pass, as in FLAVA
+        itm = itm_loss(m.itm_head(mm[:, 0]), matched.long())  # ITM reads the masked pass, as in FLAVA
 
         # MMM learns only from matched pairs. The filter is applied to the *labels* of every
         # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be
         # left unfiltered (Hugging Face's bug #27855) and no shape changes.
         image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (n, P)
-        text_labels = torch.where(matched[:, None], text_labels, IGNORE_INDEX)  # (n, L)
+        text_labels = torch.where(matched[:, None], draws["text_labels"], IGNORE_INDEX)  # (n, L)
         mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked)
         mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text)
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}
