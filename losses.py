@@ -200,9 +200,6 @@ class FLAVALoss(nn.Module):
         super().__init__()
         self.model, self.dvae, self.cfg = model, dvae.requires_grad_(False).eval(), cfg
         self.mask_id, self.special_ids = mask_id, tuple(special_ids)
-        # Multiplies the weights of the masked objectives (ITM, MMM, MIM, MLM); train.py may ramp it
-        # from 0 to 1. A tensor, so changing it never recompiles a torch.compile'd step.
-        self.register_buffer("masked_scale", torch.ones(()), persistent=False)
         mcfg = model.cfg
         self.n_masked = max(1, round(cfg.mask_ratio * mcfg.num_patches))  # BEiT target per image
         self.min_block = cfg.min_block or masking.default_min_block(mcfg.num_patches)
@@ -215,8 +212,7 @@ class FLAVALoss(nn.Module):
     @torch.compiler.disable
     def draw(self, source: str, batch: dict, seed: int) -> dict:
         """Every random choice of the step, as tensors: kept patches, ITM swaps, image and text masks."""
-        ids = batch["ids"] if "ids" in batch else None
-        device = (ids if ids is not None else batch["image"]).device
+        ids, device = batch.get("ids"), batch["image" if source == "images" else "ids"].device
         gen_cpu = torch.Generator().manual_seed(seed)  # block masks are drawn on the CPU
         gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
         if source == "pairs":
@@ -237,8 +233,7 @@ class FLAVALoss(nn.Module):
         c = self.cfg
         weights = {"gc": c.gc_weight, "itm": c.itm_weight, "mmm_image": c.mmm_image_weight,
                    "mmm_text": c.mmm_text_weight, "mim": c.mim_weight, "mlm": c.mlm_weight}
-        losses["total"] = sum(weights[name] * (1 if name == "gc" else self.masked_scale) * loss
-                              for name, loss in losses.items())
+        losses["total"] = sum(weights[name] * loss for name, loss in losses.items())
         return losses
 
     # -- helpers shared by the three kinds of batch ------------------------------------------

@@ -69,7 +69,6 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     dvae_steps: int = 100  # stage 1: dVAE training steps
     dvae_lr: float = 1e-3  # stage 1 learning rate
     dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
-    masked_ramp: int = 0  # joint steps over which the masked objectives' weights rise 0 -> 1 (contrastive first)
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
@@ -483,8 +482,6 @@ def main(argv=None):
             note_skipped(batch, name, step + 1)
             batch = to_device(batch, device)
             lr = lr_at(cfg, name, step - first, n)
-            if name == "joint" and cfg.masked_ramp:
-                objective.masked_scale.fill_(min(1.0, (step - first + 1) / cfg.masked_ramp))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
