@@ -272,10 +272,18 @@ def main(argv=None):
     wall = {j: [] for j in jobs}
     for r in tqdm(range(args.warmup + args.steps), desc="rounds"):
         rng.shuffle(order)
-        for job in order:
+        for job in list(order):
             sync(device)
             t0 = time.perf_counter()
-            runners[job[0]].step(job[1], job[2], batch, seed=r)
+            try:
+                runners[job[0]].step(job[1], job[2], batch, seed=r)
+            except torch.cuda.OutOfMemoryError:  # e.g. the peer at our largest batch: reported, not timed
+                order.remove(job)
+                del wall[job]
+                runners[job[0]].opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"\n{runners[job[0]].name} {job[1]} keep {job[2]:g}: out of memory at batch {B}")
+                continue
             sync(device)
             if r >= args.warmup:
                 wall[job].append(time.perf_counter() - t0)
