@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist_
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -46,10 +47,7 @@ class ModelConfig:
     text_len: int = 24  # L: fixed text length with padding (FLIP: 32, CLIP: 77; the world's captions: <= 23)
     embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
     image_pool: str = "cls"  # contrastive image feature: "cls" = [CLS_I] (FLAVA), "mean" = mean of patch tokens (FLIP)
-    codebook_size: int = 256  # C: dVAE codebook size = MIM / MMM-image vocabulary (DALL-E: 8192)
-    dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
-    dvae_hidden: int = 32  # dVAE conv width
-    dvae_code_dim: int = 32  # width of a codebook vector
+    codebook_size: int = 256  # C: image tokenizer codes = MIM / MMM-image vocabulary (DALL-E: 8192)
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
     grad_ckpt: bool = False  # recompute each block in backward: less activation memory, ~30% more compute
     ln_eps: float = 1e-12  # LayerNorm epsilon (both public FLAVA implementations)
@@ -69,12 +67,6 @@ class ModelConfig:
             problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
         if self.attn not in ("auto", "sdpa", "manual"):
             problems.append(f"attn={self.attn!r} must be 'auto', 'sdpa' or 'manual'")
-        if self.image_size % (2**self.dvae_layers) or self.image_size // 2**self.dvae_layers != self.grid:
-            problems.append(
-                f"dVAE grid image_size / 2**dvae_layers = {self.image_size} / {2**self.dvae_layers} must equal the "
-                f"patch grid image_size / patch_size = {self.grid} (one code per patch): set dvae_layers="
-                f"{int(math.log2(self.patch_size)) if self.patch_size & (self.patch_size - 1) == 0 else '?'}"
-            )
         for name in ("image_layers", "text_layers", "mm_layers", "width", "heads", "vocab_size", "text_len",
                      "embed_dim", "codebook_size"):
             if getattr(self, name) < 1:
@@ -110,11 +102,9 @@ class ModelConfig:
 PRESETS = {
     "tiny": dict(),
     "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
-                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192,
-                  dvae_layers=4, dvae_hidden=64, dvae_code_dim=64, vocab_size=30522),
+                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192, vocab_size=30522),
     "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
-                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192,
-                 dvae_layers=4, dvae_hidden=256, dvae_code_dim=128, vocab_size=30522),
+                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192, vocab_size=30522),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -430,46 +420,113 @@ class FLAVA(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The tiny dVAE: its codebook indices are the targets of MIM and MMM-image
+# The image tokenizer ("dVAE"): its codebook indices are the targets of MIM and MMM-image
 # ---------------------------------------------------------------------------------------------
 
 
 class DVAE(nn.Module):
-    """A small discrete VAE in DALL-E's manner (arXiv 2102.12092 §2.1): a conv encoder to
-    per-cell codebook logits, a Gumbel-softmax relaxation that mixes codebook vectors, a conv
-    decoder back to pixels. Downsampling = patch size, so code (i, j) belongs to patch (i, j).
-    Images come in [0, 1] (no CLIP normalisation); reconstructions are sigmoid pixels."""
+    """Turns each patch into one of C discrete codes, the labels MIM and MMM-image predict.
+
+    FLAVA and BEiT take these codes from DALL-E's discrete VAE (arXiv 2102.12092 §2.1), trained for
+    hundreds of thousands of steps with a Gumbel-softmax relaxation, a temperature and a KL schedule.
+    At our scale that recipe collapses: a per-cell KL to the uniform prior raises each cell's entropy
+    but not the use of codes *across* cells, the relaxed soft mixtures reconstruct while the hard
+    argmax sits on a handful of codes (measured: 7% of 256 codes in use, reconstructions worse than
+    the mean image), and a conv autoencoder does not learn to draw in the seconds stage 1 has.
+
+    So the tokenizer here is the vector quantiser at the heart of a VQ-VAE (van den Oord et al.,
+    arXiv 1711.00937), with the identity as encoder and decoder: a patch's code is its nearest
+    codebook vector in pixel space, and decoding a code pastes that vector back. VQ-VAE's EMA
+    codebook update (its App. A.1) is mini-batch k-means (Sculley 2010), which is how stage 1
+    trains it (`learn`): assign every patch of a batch to its nearest code, move each code towards
+    the mean of its patches, and re-seed codes that no patch uses any more at the patches they
+    would serve best (k-means++'s squared-error sampling). Every code stays in use by construction.
+    The codebook is data (buffers), not parameters: nothing here has a gradient, so no precision
+    can make it underflow, and codes are always computed in fp32, outside autocast.
+    Images come in [0, 1]; one code per ViT patch, in the patches' row-major order."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, C, n = cfg.dvae_hidden, cfg.codebook_size, cfg.dvae_layers
-        enc = []
-        for i in range(n):  # each 4x4 stride-2 conv halves the side: S -> S / 2**n = G
-            enc += [nn.Conv2d(3 if i == 0 else h, h, 4, stride=2, padding=1), nn.ReLU()]
-        self.encoder = nn.Sequential(*enc, nn.Conv2d(h, C, 1))  # 1x1 conv to codebook logits (DALL-E)
-        self.codebook = nn.Embedding(C, cfg.dvae_code_dim)
-        dec = [nn.Conv2d(cfg.dvae_code_dim, h, 1)]
-        for i in range(n):  # mirror: each transposed conv doubles the side back to S
-            dec += [nn.ReLU(), nn.ConvTranspose2d(h, 3 if i == n - 1 else h, 4, stride=2, padding=1)]
-        self.decoder = nn.Sequential(*dec)
+        self.patch_size = cfg.patch_size
+        dim = 3 * cfg.patch_size**2  # a patch's pixels, flattened
+        self.register_buffer("codebook", torch.zeros(cfg.codebook_size, dim))  # (C, 3 p p)
+        self.register_buffer("usage", torch.zeros(cfg.codebook_size))  # (C,) EMA of patches per code and step
 
-    def forward(self, images01, tau: float):
-        """Training pass. images01 (B, 3, S, S) in [0, 1]; tau: Gumbel temperature (annealed 1 -> 1/16)."""
-        logits = self.encoder(images01)  # (B, C, G, G)
-        soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)  # (B, C, G, G), relaxed one-hot
-        z = torch.einsum("bcgh,cd->bdgh", soft, self.codebook.weight)  # (B, code_dim, G, G)
-        return torch.sigmoid(self.decoder(z)), logits  # (B, 3, S, S), (B, C, G, G)
+    def patches(self, images01):
+        """(B, 3, S, S) -> (B, P, 3 p p) in fp32, row-major like the ViT's patch embedding."""
+        B, _, S, _ = images01.shape
+        p, G = self.patch_size, S // self.patch_size
+        x = images01.float().reshape(B, 3, G, p, G, p).permute(0, 2, 4, 1, 3, 5)  # (B, G, G, 3, p, p)
+        return x.reshape(B, G * G, 3 * p * p)  # (B, P, 3 p p)
+
+    def nearest(self, x, chunk=65536):
+        """x (n, 3 p p) -> (index (n,), squared distance (n,)) of the nearest code, in fp32 chunks
+        (n x C distances at once would be 6 GB for 1,024 images of `base`)."""
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # ("meta" has no autocast)
+            c = self.codebook.float()
+            c2 = c.pow(2).sum(1)  # (C,)
+            out = [((part.pow(2).sum(1, keepdim=True) - 2 * part @ c.T) + c2).min(1) for part in x.split(chunk)]
+        dist, index = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+        return index, dist.clamp(min=0)  # (n,), (n,)
 
     @torch.no_grad()
     def codebook_indices(self, images01):
-        """Hard codes for MIM targets: argmax per cell, flattened row-major like the patches."""
-        return self.encoder(images01).argmax(dim=1).flatten(1)  # (B, P) long
+        """Hard codes, the MIM targets: (B, 3, S, S) in [0, 1] -> (B, P) long."""
+        x = self.patches(images01)  # (B, P, 3 p p)
+        return self.nearest(x.flatten(0, 1))[0].view(x.shape[:2])  # (B, P)
 
     @torch.no_grad()
     def decode_indices(self, codes):
-        G = int(math.isqrt(codes.size(1)))
-        z = self.codebook(codes.view(-1, G, G)).permute(0, 3, 1, 2)  # (B, code_dim, G, G)
-        return torch.sigmoid(self.decoder(z))  # (B, 3, S, S)
+        """(B, P) codes -> (B, 3, S, S): each patch replaced by its code's vector."""
+        B, P = codes.shape
+        p, G = self.patch_size, math.isqrt(P)
+        x = self.codebook[codes].view(B, G, G, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, G, p, G, p)
+        return x.reshape(B, 3, G * p, G * p)  # (B, 3, S, S)
+
+    @torch.no_grad()
+    def learn(self, images01, decay: float = 0.9, reseed: bool = True, generator=None) -> dict:
+        """One step of mini-batch k-means on a batch's patches, the same on every rank (counts and
+        sums are summed over ranks). The first call seeds the codebook with random patches."""
+        x = self.patches(images01).flatten(0, 1)  # (n, 3 p p), n = B P
+        world = dist_.get_world_size() if _distributed() else 1
+        C = self.codebook.size(0)
+        per_code = world * x.size(0) / C  # patches a code would get if all were used evenly
+        if not self.usage.any():  # the first step: C random patches of the batch
+            self._reseed(torch.ones(C, dtype=torch.bool, device=x.device), x, torch.ones_like(x[:, 0]), per_code,
+                         generator)
+        index, err = self.nearest(x)  # (n,), (n,) squared error of each patch's code
+        counts = torch.bincount(index, minlength=C).float()  # (C,)
+        sums = torch.zeros_like(self.codebook).index_add_(0, index, x)  # (C, 3 p p)
+        if world > 1:
+            dist_.all_reduce(counts)
+            dist_.all_reduce(sums)
+        # EMAs of each code's patch count N (`usage`) and patch sum M (VQ-VAE App. A.1); a code is M / N.
+        total = decay * self.codebook * self.usage[:, None] + (1 - decay) * sums  # (C, 3 p p)
+        self.usage.mul_(decay).add_(counts, alpha=1 - decay)
+        self.codebook.copy_(total / self.usage.clamp(min=1e-12)[:, None])
+        dead = self.usage < 0.03 * per_code  # codes that (almost) no patch picks any more
+        if reseed and dead.any():
+            self._reseed(dead, x, err, per_code, generator)
+        p = counts / counts.sum()
+        images = images01.float()
+        return {"recon_mse": err.mean().item() / x.size(1), "codes_used": (counts > 0).float().mean().item(),
+                "perplexity": torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(), "reseeded": int(dead.sum()),
+                "mean_image_mse": (images - images.mean(0)).pow(2).mean().item()}  # this rank's batch
+
+    def _reseed(self, which, x, weight, per_code, generator):
+        """Move the codes in `which` to patches drawn with probability ~ weight (k-means++: the patches
+        served worst); rank 0's choice is sent to every rank, so that all keep one codebook."""
+        k = int(which.sum())
+        pick = torch.multinomial(weight.float() + 1e-12, k, replacement=k > x.size(0), generator=generator)  # (k,)
+        self.codebook[which] = x[pick]
+        self.usage[which] = per_code
+        if _distributed():
+            dist_.broadcast(self.codebook, 0)
+            dist_.broadcast(self.usage, 0)
+
+
+def _distributed() -> bool:
+    return dist_.is_available() and dist_.is_initialized() and dist_.get_world_size() > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,8 +565,7 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
     def image(tokens):
         return _stem_flops(cfg) + _encoder_flops(cfg, cfg.image_layers, tokens)
 
-    h, n = cfg.dvae_hidden, cfg.dvae_layers
-    dvae = 2 * (sum((cfg.image_size >> (i + 1)) ** 2 * 16 * (3 if i == 0 else h) * h for i in range(n)) + P * h * C)
+    dvae = 2 * P * 3 * cfg.patch_size**2 * C  # the tokenizer: each patch against every code
     text = _encoder_flops(cfg, cfg.text_layers, L)
     if source == "images":
         return 3 * (image(1 + P) + head(n_img, C)) + dvae

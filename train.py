@@ -23,7 +23,6 @@ import os
 import random
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-from losses import FLAVALoss, LossConfig, codebook_stats, compile_step, dvae_loss
+from losses import FLAVALoss, LossConfig, compile_step
 from model import DVAE, FLAVA, ModelConfig, flops_per_sample, load_checkpoint, load_state
 
 NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
@@ -65,10 +64,8 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     p_pairs: float = 0.9  # share of steps drawing a paired batch (paper: 0.70)
     p_images: float = 0.05  # share of image-only (MIM) steps (paper: 0.15)
     p_texts: float = 0.05  # share of text-only (MLM) steps (paper: 0.15)
-    dvae_ckpt: str = ""  # a trained dvae.pt to reuse; stage 1 is skipped
-    dvae_steps: int = 100  # stage 1: dVAE training steps
-    dvae_lr: float = 1e-3  # stage 1 learning rate
-    dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
+    dvae_ckpt: str = ""  # a trained dvae.pt (the image tokenizer) to reuse; stage 1 is skipped
+    dvae_steps: int = 100  # stage 1: mini-batch k-means steps of the image tokenizer's codebook
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
@@ -311,43 +308,31 @@ def to_device(batch, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the dVAE (DALL-E §2.1: Gumbel-softmax, temperature 1 -> 1/16, KL to uniform)
+# Stage 1: the image tokenizer (its codes are the targets of MIM and MMM-image)
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped):
+def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
+    """Stage 1: the image tokenizer's codebook by mini-batch k-means over the patches of image batches
+    (model.DVAE explains why). No gradients, fp32 throughout; the EMA of the codes follows the data
+    closely early (decay 0.5) and averages over more batches later (0.99), and dead codes are re-seeded
+    in the first 80% of the stage only, so that the last codes have settled."""
     dvae = DVAE(mcfg).to(device)
-    if world_size > 1:
-        # oneDNN returns the 1x1 conv's gradient with other strides on its size-1 dims: the same
-        # memory layout as DDP's bucket, but DDP warns on every backward. Nothing to fix; silenced.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        dvae_ddp = DDP(dvae)
-    opt = torch.optim.AdamW(dvae.parameters(), lr=cfg.dvae_lr, weight_decay=0.0)
     source = "images" if "images" in mixture.sources else "pairs"
     batches = loader_for(cfg, mixture, {source: 1.0}, rank, world_size, 0, device)
-    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: dVAE", disable=rank != 0, dynamic_ncols=True)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the re-seeding draws (rank 0's are used)
+    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: image tokenizer", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        t = step / max(1, cfg.dvae_steps - 1)
-        tau = 1 / 16 + (1 - 1 / 16) * 0.5 * (1 + math.cos(math.pi * t))  # cosine 1 -> 1/16 (DALL-E)
-        kl_weight = cfg.dvae_kl_weight * min(1.0, 4 * t)  # ramped in over the first quarter
-        for group in opt.param_groups:
-            group["lr"] = cfg.dvae_lr * 0.5 * (1 + math.cos(math.pi * t))
         _, batch = next(batches)
         note_skipped(batch, "dvae", step)
-        images = to_device(batch, device)["image"].float() / 255
-        with autocast:
-            recon, logits = (dvae_ddp if world_size > 1 else dvae)(images, tau)
-        losses = dvae_loss(recon, images, logits, kl_weight)
-        losses["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        images = to_device(batch, device)["image"].float() / 255  # (B, 3, S, S) in [0, 1]
+        t = step / max(1, cfg.dvae_steps - 1)
+        stats = dvae.learn(images, decay=0.5 + 0.49 * t, reseed=t < 0.8, generator=gen)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.dvae_steps - 1):
-            stats = codebook_stats(logits.argmax(1), mcfg.codebook_size)
-            row = {"stage": "dvae", "step": step, "recon": losses["recon"].item(), "kl": losses["kl"].item(),
-                   "tau": tau, "codes_used": stats["used"], "perplexity": stats["perplexity"]}
-            bar.set_postfix(recon=f"{row['recon']:.4f}", used=f"{stats['used']:.2f}", ppl=f"{stats['perplexity']:.0f}")
-            log(row)
-    return dvae.requires_grad_(False).eval()
+            bar.set_postfix(mse=f"{stats['recon_mse']:.4f}", base=f"{stats['mean_image_mse']:.4f}",
+                            ppl=f"{stats['perplexity']:.0f}")
+            log({"stage": "dvae", "step": step, **{k: round(v, 6) for k, v in stats.items()}})
+    return dvae.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +408,7 @@ def main(argv=None):
                    cfg.dvae_ckpt or dvae_path)
         print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
     else:
-        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped)
+        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped)
         if rank == 0:
             save_atomic(dvae.state_dict(), dvae_path)
     dvae.requires_grad_(False).eval()
