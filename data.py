@@ -262,6 +262,39 @@ class ShapesWorld:
         prefix = rng.choice(self.PREFIXES)
         return (prefix + " " if prefix else "") + text + rng.choice(("", "."))
 
+    OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                "below": "above"}
+
+    def hard_negative(self, scene, caption, rng):
+        """The caption with exactly one attribute made false: one object's colour, shape or size, or the
+        stated relation turned around -> (text, kind). An ITM model must then check every word against
+        the image; a random other caption differs in several at once. A changed phrase names no object
+        of the scene (a colour or shape swapped for one that no object has in that combination)."""
+        shape_of = {w: s for s, words in self.SHAPE_WORDS.items() for w in words}
+        size_of = {w: s for s, words in self.SIZE_WORDS.items() for w in words}
+        phrase = re.compile(rf"a (?:({'|'.join(size_of)}) )?({'|'.join(self.COLOURS)}) ({'|'.join(shape_of)})\b")
+        present = {(o["colour"], o["shape"], o["size"]) for o in scene["objects"]}
+        options = []  # (kind, start, end, replacement)
+        for m in phrase.finditer(caption):
+            colour, shape = m[2], shape_of[m[3]]
+            options += [("colour", *m.span(2), c) for c in self.COLOURS
+                        if not any((c, shape) == p[:2] for p in present)]
+            options += [("shape", *m.span(3), rng.choice(self.SHAPE_WORDS[s])) for s in self.SHAPES
+                        if not any((colour, s) == p[:2] for p in present)]
+            sizes = {p[2] for p in present if p[:2] == (colour, shape)}
+            if len(sizes) == 1:  # the phrase's object has one size: name the other one
+                wrong = rng.choice(self.SIZE_WORDS["large" if sizes == {"small"} else "small"])
+                options.append(("size", *m.span(1), wrong) if m[1] else ("size", m.start(2), m.start(2), wrong + " "))
+        for rel, opposite in self.OPPOSITE.items():
+            if f" {rel} " in caption:
+                at = caption.index(f" {rel} ") + 1
+                options.append(("relation", at, at + len(rel), opposite))
+        by_kind = collections.defaultdict(list)
+        for option in options:
+            by_kind[option[0]].append(option)
+        kind, start, end, new = rng.choice(by_kind[rng.choice(sorted(by_kind))])  # a kind, then one of its changes
+        return caption[:start] + new + caption[end:], kind
+
     def answers(self):
         """Every answer questions() can give: the label set of the synthetic VQA task."""
         return [*self.COLOURS, *self.SHAPES, "yes", "no", *map(str, range(1, self.max_objects + 1))]

@@ -91,6 +91,88 @@ def fused_features(model, tokenizer, images, at, texts, device, autocast, batch=
     return torch.cat(cls).cpu(), torch.cat(itm).cpu()  # (n, D), (n, 2)
 
 
+@torch.no_grad()
+def masked_predictions(model, images, ids, attn, patch_masked, device, autocast, batch=256):
+    """Training's masked pass, frozen: images uint8 (n, 3, S, S) with the patches in patch_masked (n, P)
+    replaced by the mask token (None: none), text ids (n, L) that may hold [MASK] -> the top-1 code of MIM
+    (image encoder alone) and of MMM-image (multimodal encoder) at every patch, (n, P) each, and the top-1
+    word of MMM-text at every text position, (n, L)."""
+    out, P, L = {"mim": [], "mmm_image": [], "mmm_text": []}, model.cfg.num_patches, ids.size(1)
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(device).float() / 255  # (B, 3, S, S) in [0, 1]
+        hidden = None if patch_masked is None else patch_masked[i : i + batch].to(device)  # (B, P)
+        a = attn[i : i + batch].to(device)  # (B, L)
+        with autocast:
+            image_hidden, image_out = model.encode_image(x, patch_masked=hidden)  # 2 x (B, N, D)
+            mm = model.encode_multimodal(image_hidden, model.encode_text(ids[i : i + batch].to(device), a)[0], a)
+            out["mim"].append(model.mim_head(image_out[:, 1:]).argmax(-1).cpu())  # (B, P)
+            out["mmm_image"].append(model.mmm_image_head(mm[:, 2 : 2 + P]).argmax(-1).cpu())  # (B, P)
+            out["mmm_text"].append(model.mmm_text_head(mm[:, -L:]).argmax(-1).cpu())  # (B, L)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def auc(pos, neg):
+    """Area under the ROC curve: the chance that a positive scores above a negative, ties counting half
+    (Mann-Whitney). 0.5 is a model that cannot tell them apart, whatever its threshold."""
+    diff = pos[:, None] - neg[None, :]  # (n_pos, n_neg)
+    return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
+
+
+def itm_metrics(model, tokenizer, images, captions, scenes, world, device, autocast):
+    """ITM on held-out pairs: every pair matched, and with a random other pair's caption where that differs,
+    a balanced set: itm_acc (argmax) and itm_auc (score = match logit - no-match logit). With the scene
+    graphs, also each pair against its caption with one attribute made false (data.ShapesWorld.hard_negative):
+    itm_auc_hard, and per kind of change (colour, shape, size, relation)."""
+    n, rng = len(captions), random.Random(0)
+    partner = [(j + rng.randrange(1, n)) % n for j in range(n)]  # uniform over the other pairs
+    wrong = [j for j in range(n) if captions[partner[j]] != captions[j]]
+    hard = [world.hard_negative(s, c, random.Random(f"hard/{j}")) for j, (s, c) in enumerate(zip(scenes, captions))]
+    texts = captions + [captions[partner[j]] for j in wrong] + [text for text, _ in hard]
+    at = torch.tensor([*range(n), *wrong, *range(len(hard))])  # the image each text is paired with
+    logits = fused_features(model, tokenizer, images, at, texts, device, autocast)[1]  # (m, 2)
+    score = logits[:, 1] - logits[:, 0]  # (m,)
+    pos, neg, hard_score = score[:n], score[n : n + len(wrong)], score[n + len(wrong) :]
+    results = {"itm_acc": mean(logits[: n + len(wrong)].argmax(1) == (torch.arange(n + len(wrong)) < n).long()),
+               "itm_auc": auc(pos, neg)}
+    if hard:
+        results["itm_auc_hard"] = auc(pos, hard_score)
+        kinds = [kind for _, kind in hard]
+        for kind in ("colour", "shape", "size", "relation"):  # against the positives of the same images
+            pick = torch.tensor([k == kind for k in kinds])
+            results[f"itm_auc_hard_{kind}"] = auc(pos[:len(hard)][pick], hard_score[pick])
+    return results
+
+
+def fusion_metrics(model, dvae, tokenizer, world, images, captions, mask_ratio, device, autocast):
+    """Does fusion fuse? With the synthetic world: MMM-text's top-1 on the colour words (even rows) or the
+    shape words (odd rows) of held-out captions, all of them masked, counted right when it names the same
+    colour or shape (synonyms too); with the image (mmm_attr_acc) and with the blank mean image
+    (mmm_attr_acc_blank): only a model that reads the image can beat the text's own hints. On any pairs:
+    the codes of BEiT-masked patches predicted by MMM-image (with the caption) and by MIM (the image alone),
+    beside always answering the most frequent code (code_majority_acc)."""
+    cfg, n = model.cfg, len(captions)
+    ids, attn = tokenizer.encode(captions, cfg.text_len)  # (n, L)
+    gen = torch.Generator().manual_seed(0)
+    hidden = masking.block_mask(n, cfg.grid, max(1, round(mask_ratio * cfg.num_patches)), generator=gen)  # (n, P)
+    codes = dvae.codebook_indices(images.to(device).float() / 255).cpu()[hidden]  # (n_hidden,)
+    pred = masked_predictions(model, images, ids, attn, hidden, device, autocast)
+    results = {"mmm_image_acc": mean(pred["mmm_image"][hidden] == codes), "mim_acc": mean(pred["mim"][hidden] == codes),
+               "code_majority_acc": codes.bincount().max().item() / len(codes)}
+    if world is None:
+        return results
+    words = [{tokenizer.index[w]: w for w in world.COLOURS if w in tokenizer.index},  # id -> what it names
+             {tokenizer.index[w]: s for s, ws in world.SHAPE_WORDS.items() for w in ws if w in tokenizer.index}]
+    asked = torch.tensor([[t in words[r % 2] for t in row] for r, row in enumerate(ids.tolist())])  # (n, L)
+    blank = images.float().mean(0, keepdim=True).round().byte().expand_as(images)  # (n, 3, S, S) the mean image
+    for name, pictures in (("mmm_attr_acc", images), ("mmm_attr_acc_blank", blank)):
+        said = masked_predictions(model, pictures, ids.masked_fill(asked, tokenizer.mask_id), attn, None, device,
+                                  autocast)["mmm_text"]  # (n, L)
+        right = [words[r % 2].get(p) == words[r % 2][t] for r, (row, guess) in enumerate(zip(ids.tolist(), said.tolist()))
+                 for t, p in zip(row, guess) if t in words[r % 2]]
+        results[name] = mean(torch.tensor(right))
+    return results
+
+
 def recall_at_k(sim, ks=(1, 5, 10)):
     """sim (Q, C): query q's true candidate is column q. R@k = share of queries whose true
     candidate ranks in the top k; a tie with the true candidate counts against it (pessimistic)."""
@@ -155,8 +237,9 @@ def render(world, scenes):
 
 
 def synthetic_pairs(world, n):
+    """n held-out scenes -> their images (n, 3, S, S), captions, and the scenes (for the hard negatives)."""
     scenes = [world.scene("val", FIRST["pairs"] + i) for i in range(n)]
-    return render(world, scenes), [world.caption(s, random.Random(f"eval/{i}")) for i, s in enumerate(scenes)]
+    return render(world, scenes), [world.caption(s, random.Random(f"eval/{i}")) for i, s in enumerate(scenes)], scenes
 
 
 def synthetic_classification_set(world, per_class=20):
@@ -233,7 +316,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
     results = zero_shot(model, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
                         device, autocast)
     if n_pairs:
-        images, captions = synthetic_pairs(world, n_pairs)
+        images, captions, _ = synthetic_pairs(world, n_pairs)
         sim = image_features(model, images, device, autocast)[1] @ text_features(model, tokenizer, captions, device,
                                                                                  autocast)[1].T  # (n, n)
         results.update(retrieval(sim), retrieval_pairs=n_pairs)
@@ -241,7 +324,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
 
 
 def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
-             pairs=None, classes=None, texts=None):
+             pairs=None, classes=None, texts=None, mask_ratio=0.383):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
     replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
     check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
@@ -252,19 +335,16 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
         return fn(model, *args, device=device, autocast=autocast, **kwargs)
 
     # ---- retrieval and ITM -----------------------------------------------------------------------
-    skipped = 0
+    skipped, scenes = 0, []
     if pairs is not None:
         images, good, skipped = read_files(pairs, range(min(n_pairs, len(pairs))))
         captions, skipped = [pairs.captions[i] for i, _ in good], skipped + pairs.num_skipped
     else:
-        images, captions = synthetic_pairs(world, n_pairs)
+        images, captions, scenes = synthetic_pairs(world, n_pairs)
     sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (n, n)
     results = {**retrieval(sim), "retrieval_pairs": len(captions)}
-    n = len(captions)  # ITM: every pair matched, and with the next pair's caption where that one differs
-    wrong = [j for j in range(n) if captions[j] != captions[(j + 1) % n]]
-    itm = run(fused_features, tokenizer, images, torch.tensor([*range(n), *wrong]),
-              captions + [captions[(j + 1) % n] for j in wrong])[1].argmax(1)  # (n + n_wrong,)
-    results["itm_acc"] = mean(itm == torch.tensor([1] * n + [0] * len(wrong)))
+    results |= run(itm_metrics, tokenizer, images, captions, scenes, world)
+    results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, captions, mask_ratio)
     shown = {"images": images, "captions": captions, "sim": sim}
     # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
     if classes is not None:
@@ -315,11 +395,12 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
             results[f"vqa_{name}"] = mean(correct)
             for kind in QUESTION_TYPES.values():
                 results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
-    # ---- the dVAE ------------------------------------------------------------------------------------
-    x = images[:256].to(device).float() / 255  # (n, 3, S, S)
+    # ---- the image tokenizer: reconstruction from the hard codes beside the mean image, code use ------------
+    x = images.to(device).float() / 255  # (n, 3, S, S)
     codes = dvae.codebook_indices(x)  # (n, P)
-    stats = codebook_stats(codes, dvae.codebook.num_embeddings)
+    stats = codebook_stats(codes, dvae.codebook.size(0))
     results.update(dvae_recon_mse=F.mse_loss(dvae.decode_indices(codes), x).item(),
+                   dvae_mean_image_mse=F.mse_loss(x.mean(0, keepdim=True).expand_as(x), x).item(),
                    dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"], skipped_files=skipped)
     return results, shown
 
@@ -454,11 +535,12 @@ def main(argv=None):
                              "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
+    mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
-                              args.n_probe, pairs, classes, texts)
+                              args.n_probe, pairs, classes, texts, mask_ratio)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
     os.makedirs(out_dir := args.out_dir or ckpt_dir, exist_ok=True)
-    log, mask_ratio = os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
+    log = os.path.join(ckpt_dir, "log.jsonl")
     figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")
