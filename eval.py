@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 import data
 import masking
 from losses import codebook_stats
-from model import load_checkpoint, models_from_checkpoint
+from model import load_checkpoint, models_from_checkpoint, pretrained_checkpoint
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
 PROMPTS = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.")  # real classes
@@ -211,6 +211,22 @@ def labelled_texts(ds):
     return [t for _, t in rows], torch.tensor([names.index(label) for label, _ in rows])
 
 
+def read_class_names(path, folders):
+    """--class_names: the name of each class sub-folder (a WordNet id, say), from 'folder<TAB>name' lines or a
+    JSON object {folder: name} (or ImageNet's {index: [folder, name]})."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        table = {v[0] if isinstance(v, list) else k: v[-1] if isinstance(v, list) else v for k, v in json.loads(text).items()}
+    else:
+        table = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    table = {k.strip().replace("_", " "): v.strip() for k, v in table.items()}  # as data.ImageFolder names folders
+    missing = [folder for folder in folders if folder not in table]
+    if missing:
+        raise ValueError(f"{path} names no class for the sub-folder(s) {missing[:5]} ({len(missing)} in all)")
+    return [table[folder] for folder in folders]
+
+
 def zero_shot(model, tokenizer, images, labels, held, names, templates, device, autocast, drops=()):
     """Top-1 of the prompt ensemble on the images of classes seen in training, and apart on those of held-out
     ones (held (n,) bool); then with each share of the patches in drops (%) dropped (FLIP's question)."""
@@ -251,27 +267,29 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
     def run(fn, *args, **kwargs):  # a frozen pass of this model
         return fn(model, *args, device=device, autocast=autocast, **kwargs)
 
-    # ---- retrieval and ITM -----------------------------------------------------------------------
-    skipped = 0
-    if pairs is not None:
-        images, good, skipped = read_files(pairs, range(min(n_pairs, len(pairs))))
-        captions, skipped = [pairs.captions[i] for i, _ in good], skipped + pairs.num_skipped
-    else:
-        images, captions = synthetic_pairs(world, n_pairs)
-    sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (n, n)
-    results = {**retrieval(sim), "retrieval_pairs": len(captions)}
-    n = len(captions)  # ITM: every pair matched, and with the next pair's caption where that one differs
-    wrong = [j for j in range(n) if captions[j] != captions[(j + 1) % n]]
-    itm = run(fused_features, tokenizer, images, torch.tensor([*range(n), *wrong]),
-              captions + [captions[(j + 1) % n] for j in wrong])[1].argmax(1)  # (n + n_wrong,)
-    results["itm_acc"] = mean(itm == torch.tensor([1] * n + [0] * len(wrong)))
-    shown = {"images": images, "captions": captions, "sim": sim}
+    # ---- retrieval and ITM (with neither pairs nor a world, e.g. only --classes: none) --------------------
+    results, shown, skipped = {}, {}, 0
+    if pairs is not None or world is not None:
+        if pairs is not None:
+            images, good, skipped = read_files(pairs, range(min(n_pairs, len(pairs))))
+            captions, skipped = [pairs.captions[i] for i, _ in good], skipped + pairs.num_skipped
+        else:
+            images, captions = synthetic_pairs(world, n_pairs)
+        sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (n, n)
+        results = {**retrieval(sim), "retrieval_pairs": len(captions)}
+        n = len(captions)  # ITM: every pair matched, and with the next pair's caption where that one differs
+        wrong = [j for j in range(n) if captions[j] != captions[(j + 1) % n]]
+        itm = run(fused_features, tokenizer, images, torch.tensor([*range(n), *wrong]),
+                  captions + [captions[(j + 1) % n] for j in wrong])[1].argmax(1)  # (n + n_wrong,)
+        results["itm_acc"] = mean(itm == torch.tensor([1] * n + [0] * len(wrong)))
+        shown = {"images": images, "captions": captions, "sim": sim}
     # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
     if classes is not None:
         zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
         labels, skipped = torch.tensor([s["label"] for _, s in good]), skipped + bad
         results |= run(zero_shot, tokenizer, zs_images, labels, torch.zeros(len(labels), dtype=torch.bool),
                        classes.classes, PROMPTS, drops=DROPS)
+        shown.setdefault("images", zs_images)  # what the tokenizer check and the figures use without pairs
         cls = run(image_features, zs_images)[0]  # (n, D)
         results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
     elif world is not None:
@@ -316,11 +334,18 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
             for kind in QUESTION_TYPES.values():
                 results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
     # ---- the dVAE ------------------------------------------------------------------------------------
-    x = images[:256].to(device).float() / 255  # (n, 3, S, S)
+    results["skipped_files"] = skipped
+    if dvae is None:
+        print("no image tokenizer in this checkpoint: no codebook statistics")
+        return results, shown
+    x = shown["images"][:256].to(device).float() / 255  # (n, 3, S, S)
     codes = dvae.codebook_indices(x)  # (n, P)
-    stats = codebook_stats(codes, dvae.codebook.num_embeddings)
-    results.update(dvae_recon_mse=F.mse_loss(dvae.decode_indices(codes), x).item(),
-                   dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"], skipped_files=skipped)
+    stats = codebook_stats(codes, model.cfg.codebook_size)
+    if hasattr(dvae, "decode_indices"):
+        results["dvae_recon_mse"] = F.mse_loss(dvae.decode_indices(codes), x).item()
+    else:
+        print("the image tokenizer (DALL-E's encoder, as published) has no decoder: no reconstruction error")
+    results.update(dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"])
     return results, shown
 
 # ---------------------------------------------------------------------------------------------
@@ -383,14 +408,15 @@ def loss_curves(log_path, W=280, H=150, m=28):
 @torch.no_grad()
 def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, device="cpu"):
     """retrieval.png, masks.png, dvae.png and (with a log) loss_curves.png in out_dir -> their paths."""
-    images, captions, sim, cfg, figures = shown["images"], shown["captions"], shown["sim"], model.cfg, {}
-    # text -> image retrieval: captions beside their top-5 images, the true one framed green
-    queries = range(min(4, len(captions)))
-    top = [sim[:, q].topk(min(5, len(captions))).indices for q in queries]  # each (5,)
-    rank = [int((sim[:, q] >= sim[q, q]).sum()) for q in queries]  # ties count against, as in recall_at_k
-    figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
-        f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
-        frames=[(40, 160, 60) if i == q else (200, 200, 200) for q in queries for i in top[q].tolist()])
+    images, cfg, figures = shown["images"], model.cfg, {}
+    if "sim" in shown:  # text -> image retrieval: captions beside their top-5 images, the true one framed green
+        captions, sim = shown["captions"], shown["sim"]
+        queries = range(min(4, len(captions)))
+        top = [sim[:, q].topk(min(5, len(captions))).indices for q in queries]  # each (5,)
+        rank = [int((sim[:, q] >= sim[q, q]).sum()) for q in queries]  # ties count against, as in recall_at_k
+        figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
+            f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
+            frames=[(40, 160, 60) if i == q else (200, 200, 200) for q in queries for i in top[q].tolist()])
     # what the model sees: BEiT's block mask (MIM / MMM, grey) and FLIP's 50% drop (contrastive pass, black)
     gen, shows = torch.Generator().manual_seed(0), []
     for image in images[:3]:
@@ -400,9 +426,12 @@ def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, de
         shows += [image, hide(image, masked, cfg.patch_size, (128,) * 3), hide(image, dropped, cfg.patch_size, (0,) * 3)]
     figures["masks.png"] = tiles(torch.stack(shows), 3, scale=3, title="input | BEiT block mask | FLIP 50% drop")
     # dVAE: inputs above their reconstructions from the hard codes
-    x = images[:8].to(device).float() / 255  # (8, 3, S, S)
-    recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
-    figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x), title="inputs, and their dVAE reconstructions")
+    if hasattr(dvae, "decode_indices"):
+        x = images[:8].to(device).float() / 255  # (8, 3, S, S)
+        recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
+        figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x), title="inputs, and their dVAE reconstructions")
+    else:
+        print("dvae.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
     figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
     figures = {os.path.join(out_dir, name): picture for name, picture in figures.items() if picture is not None}
     for path, picture in figures.items():
@@ -421,10 +450,13 @@ def format_table(results) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--ckpt", default="", help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--hf", default="", help="instead of --ckpt: a Hugging Face FLAVA folder (facebook/flava-full)")
     parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
     parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
     parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
+    parser.add_argument("--class_names", default="", help="names of --classes' sub-folders (e.g. WordNet ids): "
+                        "'folder<TAB>name' lines or a JSON object")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
     parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
@@ -433,32 +465,40 @@ def main(argv=None):
     parser.add_argument("--n_probe", type=int, default=2000, help="samples per probe, VQA scenes, most files read")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
     args = parser.parse_args(argv)
+    if bool(args.ckpt) == bool(args.hf):
+        parser.error("give one of --ckpt and --hf")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     t0, device = time.time(), torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
     low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
     try:  # every input is opened, or refused with a message, before any compute
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = pretrained_checkpoint(args.hf) if args.hf else load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
         S, L = model.cfg.image_size, model.cfg.text_len
-        world = None if train_cfg.get("pairs") else data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0))
+        synthetic = not train_cfg.get("pairs") and "converted_from" not in ckpt  # published weights: real data
+        world = data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0)) if synthetic else None
         pairs = data.FilePairs(args.pairs, S, tokenizer, L, train=False) if args.pairs else None
         classes = data.ImageFolder(args.classes, S, train=False) if args.classes else None
+        for files in (pairs, classes):  # a published model's own resizing (Hugging Face squashes to a square)
+            if files is not None:
+                files.squash = ckpt.get("preprocess") == "squash"
+        if classes is not None and args.class_names:
+            classes.classes = read_class_names(args.class_names, classes.classes)
         texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
         if texts is not None:
             labelled_texts(texts)
-        if world is None and pairs is None:
-            raise ValueError(f"{args.ckpt} was trained on {train_cfg['pairs']}, not on the synthetic world: "
-                             "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
+        if world is None and pairs is None and classes is None:
+            raise ValueError(f"{args.ckpt or args.hf} was not trained on the synthetic world: give held-out pairs "
+                             "with --pairs and/or an image folder with --classes (and --texts for more tasks)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts)
-    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    os.makedirs(out_dir := args.out_dir or ckpt_dir, exist_ok=True)
-    log, mask_ratio = os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
+    os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
+    log, mask_ratio = ckpt_dir and os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")

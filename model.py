@@ -18,8 +18,12 @@ Shape legend (used in every shape comment):
 Mask polarity: `*_masked` / `*_drop` are True where a token is hidden; `*_attn_mask` is True
 where a token is real and may be attended (the convention of F.scaled_dot_product_attention).
 """
+import json
 import math
-from dataclasses import dataclass, fields
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -50,6 +54,9 @@ class ModelConfig:
     dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
     dvae_hidden: int = 32  # dVAE conv width
     dvae_code_dim: int = 32  # width of a codebook vector
+    image_tokenizer: str = "dvae"  # MIM targets: "dvae" = the tiny dVAE of stage 1; "dalle" = FLAVA's published codebook
+    dalle_hidden: int = 256  # width of DALL-E's encoder (the published codebook: 256)
+    dalle_blocks: int = 2  # residual blocks per group of DALL-E's encoder (the published codebook: 2)
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
     grad_ckpt: bool = False  # recompute each block in backward: less activation memory, ~30% more compute
     ln_eps: float = 1e-12  # LayerNorm epsilon (both public FLAVA implementations)
@@ -69,14 +76,17 @@ class ModelConfig:
             problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
         if self.attn not in ("auto", "sdpa", "manual"):
             problems.append(f"attn={self.attn!r} must be 'auto', 'sdpa' or 'manual'")
-        if self.image_size % (2**self.dvae_layers) or self.image_size // 2**self.dvae_layers != self.grid:
+        if self.image_tokenizer not in ("dvae", "dalle"):
+            problems.append(f"image_tokenizer={self.image_tokenizer!r} must be 'dvae' or 'dalle'")
+        if self.image_tokenizer == "dvae" and (self.image_size % (2**self.dvae_layers)
+                                               or self.image_size // 2**self.dvae_layers != self.grid):
             problems.append(
                 f"dVAE grid image_size / 2**dvae_layers = {self.image_size} / {2**self.dvae_layers} must equal the "
                 f"patch grid image_size / patch_size = {self.grid} (one code per patch): set dvae_layers="
                 f"{int(math.log2(self.patch_size)) if self.patch_size & (self.patch_size - 1) == 0 else '?'}"
             )
         for name in ("image_layers", "text_layers", "mm_layers", "width", "heads", "vocab_size", "text_len",
-                     "embed_dim", "codebook_size"):
+                     "embed_dim", "codebook_size", "dalle_hidden", "dalle_blocks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.text_len < 3:
@@ -428,6 +438,13 @@ class FLAVA(nn.Module):
     def clamp_logit_scale_(self):  # after each optimizer step, as CLIP / open_clip do
         self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "FLAVA":
+        """Hugging Face's FLAVA (a folder like facebook/flava-full: config.json and pytorch_model.bin or
+        model.safetensors) in nanoFLAVA's names; overrides are ModelConfig fields (image_size, text_len, ...).
+        As nanoGPT's GPT.from_pretrained; the mapping is in the "Published weights" section below."""
+        return _flava_from_hf(cls, path, overrides)
+
 
 # ---------------------------------------------------------------------------------------------
 # The tiny dVAE: its codebook indices are the targets of MIM and MMM-image
@@ -470,6 +487,78 @@ class DVAE(nn.Module):
         G = int(math.isqrt(codes.size(1)))
         z = self.codebook(codes.view(-1, G, G)).permute(0, 3, 1, 2)  # (B, code_dim, G, G)
         return torch.sigmoid(self.decoder(z))  # (B, 3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLAVA's published image tokenizer: DALL-E's dVAE encoder (its codebook is FLAVA's MIM vocabulary)
+# ---------------------------------------------------------------------------------------------
+
+
+class DalleBlock(nn.Module):
+    """DALL-E's encoder block (arXiv 2102.12092 App. A.2): an identity path (a 1x1 conv where the width
+    changes) plus a residual path ReLU-conv3-ReLU-conv3-ReLU-conv3-ReLU-conv1 at a quarter of the width,
+    scaled by the post-gain 1 / (number of blocks)**2 so that the residuals' sum starts small."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int):
+        super().__init__()
+        h = c_out // 4
+        self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.res_path = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1),
+                                      nn.ReLU(), nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, c_out, 1))
+        self.post_gain = 1 / n_blocks**2
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DalleEncoder(nn.Module):
+    """FLAVA's image tokenizer as published (facebook/flava-image-codebook): DALL-E's encoder, frozen, no
+    decoder. A 7x7 conv, four groups of blocks at widths h, 2h, 4h, 8h with a 2x max-pool after each of the
+    first three, ReLU, a 1x1 conv to codebook logits. It downsamples by 8, so it reads the model's image
+    resized to 8 pixels a patch (112 px for FLAVA's 224 px and 14 x 14 patches), mapped from [0, 1] to
+    [0.1, 0.9] as DALL-E's logit-Laplace pixels are. The same interface as DVAE.codebook_indices."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, n, self.side = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
+        widths = (h, h, 2 * h, 4 * h, 8 * h)
+        self.input = nn.Conv2d(3, h, 7, padding=3)
+        self.groups = nn.ModuleList(nn.Sequential(*(DalleBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1], 4 * n) for b in range(n)))
+                                    for g in range(4))
+        self.output = nn.Conv2d(8 * h, cfg.codebook_size, 1)
+
+    def forward(self, pixels):
+        """pixels (B, 3, 8G, 8G) in [0.1, 0.9] -> codebook logits (B, C, G, G)."""
+        x = self.input(pixels)  # (B, h, 8G, 8G)
+        for g, group in enumerate(self.groups):
+            x = group(x)
+            x = F.max_pool2d(x, 2) if g < 3 else x  # 8G -> 4G -> 2G -> G
+        return self.output(F.relu(x))  # (B, C, G, G)
+
+    @torch.no_grad()
+    def codebook_indices(self, images01):
+        """images01 (B, 3, S, S) in [0, 1] -> codes (B, P) long, row-major like the patches. In fp32 and
+        outside autocast: an argmax over 8192 logits in reduced precision flips near-ties."""
+        with torch.autocast(images01.device.type, enabled=False):
+            x = images01.float()
+            if x.size(-1) != self.side:  # 224 -> 112 px for FLAVA (Hugging Face resizes the original, Lanczos)
+                x = F.interpolate(x, size=(self.side, self.side), mode="bicubic", antialias=True).clamp(0, 1)
+            return self(0.8 * x + 0.1).argmax(dim=1).flatten(1)  # (B, 3, 8G, 8G) -> (B, P)
+
+    @classmethod
+    def from_pretrained(cls, path, cfg: ModelConfig) -> "DalleEncoder":
+        """From flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
+        state = _codebook_state(path)
+        if not state:
+            raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
+        encoder = cls(cfg)
+        load_state(encoder, state, f"{path} image codebook")
+        return encoder.requires_grad_(False).eval()
+
+
+def image_tokenizer(cfg: ModelConfig) -> nn.Module:
+    """The module whose codebook_indices are the MIM and MMM-image targets: the dVAE or DALL-E's encoder."""
+    return DalleEncoder(cfg) if cfg.image_tokenizer == "dalle" else DVAE(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,9 +653,266 @@ def load_state(module: nn.Module, state: dict, what: str):
 
 
 def models_from_checkpoint(ckpt: dict, device="cpu"):
-    """FLAVA and its frozen dVAE rebuilt from the config stored in the checkpoint itself."""
+    """FLAVA and its frozen image tokenizer (dVAE or DALL-E's encoder; None if the checkpoint has none)
+    rebuilt from the config stored in the checkpoint itself."""
     cfg = ModelConfig(**ckpt["model_cfg"])
-    model, dvae = FLAVA(cfg), DVAE(cfg)
+    model = FLAVA(cfg)
     load_state(model, ckpt["model"], "checkpoint model weights")
-    load_state(dvae, ckpt["dvae"], "checkpoint dVAE weights")
+    if ckpt["dvae"] is None:
+        return model.to(device), None
+    dvae = image_tokenizer(cfg)
+    load_state(dvae, ckpt["dvae"], "checkpoint image tokenizer weights")
     return model.to(device), dvae.to(device).requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Published weights: Hugging Face's FLAVA (facebook/flava-full) read with torch alone
+# ---------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path, keep) -> dict:
+    """A .safetensors file, by hand: an 8-byte little-endian header length, a JSON header {name: {dtype,
+    shape, data_offsets}} (byte offsets into what follows), then the raw little-endian tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, MemoryError, OverflowError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+        state = {}
+        for name, info in header.items():
+            if name == "__metadata__" or not keep(name):
+                state.update({} if name == "__metadata__" else {name: None})  # listed, not read
+                continue
+            (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES.get(info["dtype"])
+            f.seek(8 + n + start)
+            buf = bytearray(f.read(end - start))  # writable: torch.frombuffer shares it
+            if dtype is None or len(buf) != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} is truncated or of an unknown dtype {info['dtype']}")
+            state[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else torch.zeros(info["shape"], dtype=dtype)
+    return state
+
+
+def read_weights(folder, keep=lambda name: True) -> dict:
+    """name -> tensor from a Hugging Face folder: model.safetensors or pytorch_model.bin, sharded or not
+    (*.index.json). Names `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
+    folder, files = Path(folder), []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            files = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            break
+    files = files or [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or *.index.json")
+    state = {}
+    for file in (folder / f for f in files):
+        if file.suffix == ".safetensors":
+            state |= _read_safetensors(file, keep)
+            continue
+        try:  # a zip-format file is memory-mapped (only what is kept is read); a legacy one loads whole
+            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        state |= {k: v if keep(k) else None for k, v in part.items()}
+    return state
+
+
+def _codebook_state(path) -> dict:
+    """DalleEncoder's state from Hugging Face's FlavaImageCodebook names (with flava-full's image_codebook.
+    prefix or without it, as facebook/flava-image-codebook saves them); {} when there are none."""
+    state = read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks.")))
+    out = {}
+    for name, tensor in state.items():
+        if tensor is not None:  # blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight
+            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
+            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
+                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
+            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
+    return out
+
+
+# Hugging Face's FlavaConfig defaults (= the `base` preset), for what a config.json leaves out.
+_LAYERS = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
+               qkv_bias=True)
+HF_DEFAULTS = {"image_config": dict(_LAYERS, num_hidden_layers=12, image_size=224, patch_size=16, num_channels=3,
+                                    vocab_size=8192),
+               "text_config": dict(_LAYERS, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
+               "multimodal_config": dict(_LAYERS, num_hidden_layers=6, use_cls_token=True),
+               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, num_groups=4, input_channels=3,
+                                             vocab_size=8192)}
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face FlavaConfig (config.json). nanoFLAVA's encoders share one width, head
+    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
+    sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
+    img, txt, mm, cb = sub.values()
+    side = {k: v[0] if isinstance(v, (list, tuple)) and len(set(v)) == 1 else v for k, v in img.items()}
+    need = dict(_LAYERS, hidden_size=img["hidden_size"], num_attention_heads=img["num_attention_heads"],
+                intermediate_size=img["intermediate_size"], layer_norm_eps=img["layer_norm_eps"])
+    problems = [f"{k}.{key}={sub[k][key]!r} (needs {want!r})" for k in ("image_config", "text_config", "multimodal_config")
+                for key, want in need.items() if sub[k][key] != want]
+    problems += [f"{what}" for what, bad in (
+        (f"hidden_size={hf.get('hidden_size', 768)} differs from the encoders' {img['hidden_size']}",
+         hf.get("hidden_size", 768) != img["hidden_size"]),
+        (f"intermediate_size={img['intermediate_size']} is not a multiple of hidden_size", img["intermediate_size"] % img["hidden_size"]),
+        (f"image_config.image_size/patch_size={img['image_size']}/{img['patch_size']} are not square",
+         not isinstance(side["image_size"], int) or not isinstance(side["patch_size"], int)),
+        (f"image_config.num_channels={img['num_channels']} (needs 3)", img["num_channels"] != 3),
+        ("multimodal_config.use_cls_token=false", not mm["use_cls_token"]),
+        (f"image_codebook_config.vocab_size={cb['vocab_size']} != image_config.vocab_size={img['vocab_size']}",
+         cb["vocab_size"] != img["vocab_size"]),
+        (f"image_codebook_config.num_groups={cb['num_groups']} (needs 4)", cb["num_groups"] != 4)) if bad]
+    if problems:
+        raise ValueError("this Hugging Face FLAVA config does not fit nanoFLAVA: " + "; ".join(problems))
+    known = {f.name for f in fields(ModelConfig)}
+    if set(overrides) - known:
+        raise ValueError(f"ModelConfig has no field(s) {sorted(set(overrides) - known)}")
+    if overrides.get("text_len", 0) > txt["max_position_embeddings"]:
+        raise ValueError(f"text_len={overrides['text_len']} exceeds the {txt['max_position_embeddings']} text positions")
+    return ModelConfig(**{**PRESETS["base"], **dict(
+        image_size=side["image_size"], patch_size=side["patch_size"], stem="linear", width=img["hidden_size"],
+        heads=img["num_attention_heads"], mlp_ratio=img["intermediate_size"] // img["hidden_size"],
+        image_layers=img["num_hidden_layers"], text_layers=txt["num_hidden_layers"], mm_layers=mm["num_hidden_layers"],
+        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77
+        embed_dim=hf.get("projection_dim", 768), codebook_size=img["vocab_size"], ln_eps=img["layer_norm_eps"],
+        image_tokenizer="dalle", dalle_hidden=cb["hidden_size"], dalle_blocks=cb["num_blocks_per_group"]), **overrides})
+
+
+HF_HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head")
+
+
+def _hf_names(cfg: ModelConfig) -> dict:
+    """nanoFLAVA tensor name -> the Hugging Face name(s) it is made of (FlavaForPreTraining's, less "flava.")."""
+    m = {}
+    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("text_encoder", "text_model", cfg.text_layers),
+                            ("mm_encoder", "multimodal_model", cfg.mm_layers)):
+        for w in ("weight", "bias"):
+            for i in range(depth):
+                a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
+                m[f"{a}.attn.qkv.{w}"] = tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
+                m |= {f"{a}.attn.proj.{w}": f"{b}.attention.output.dense.{w}", f"{a}.mlp.fc1.{w}": f"{b}.intermediate.dense.{w}",
+                      f"{a}.mlp.fc2.{w}": f"{b}.output.dense.{w}", f"{a}.ln1.{w}": f"{b}.layernorm_before.{w}",
+                      f"{a}.ln2.{w}": f"{b}.layernorm_after.{w}"}
+            m[f"{ours}.transformer.ln_f.{w}"] = f"{hf}.layernorm.{w}"
+    e, t = "image_model.embeddings", "text_model.embeddings"
+    m |= {"image_encoder.cls_token": f"{e}.cls_token", "image_encoder.mask_token": f"{e}.mask_token",
+          "image_encoder.pos_embed": f"{e}.position_embeddings", "text_encoder.word_embed.weight": f"{t}.word_embeddings.weight",
+          "text_encoder.pos_embed": (f"{t}.position_embeddings.weight", f"{t}.token_type_embeddings.weight"),
+          "mm_encoder.cls_token": "multimodal_model.cls_token", "logit_scale": "logit_scale"}
+    for w in ("weight", "bias"):
+        m |= {f"image_encoder.patch_embed.{w}": f"{e}.patch_embeddings.projection.{w}", f"text_encoder.ln_embed.{w}": f"{t}.LayerNorm.{w}",
+              f"mm_encoder.image_to_mm.{w}": f"image_to_mm_projection.{w}", f"mm_encoder.text_to_mm.{w}": f"text_to_mm_projection.{w}",
+              f"image_projection.{w}": f"image_projection.{w}", f"text_projection.{w}": f"text_projection.{w}",
+              f"itm_head.pooler.{w}": f"itm_head.pooler.dense.{w}", f"itm_head.classifier.{w}": f"itm_head.seq_relationship.{w}"}
+        for h in HF_HEADS[:4]:  # (the output bias: see _flava_from_hf)
+            m |= {f"{h}.dense.{w}": f"{h}.transform.dense.{w}", f"{h}.ln.{w}": f"{h}.transform.LayerNorm.{w}",
+                  f"{h}.decoder.{w}": f"{h}.decoder.{w}"}
+    return m
+
+
+def _resize_positions(pos, grid: int):
+    """(1, 1 + g*g, D) image positions -> (1, 1 + grid*grid, D): the patch rows resized bicubically as a g x g
+    image (as Hugging Face's interpolate_pos_encoding); the [CLS_I] row stays."""
+    g, D = math.isqrt(pos.size(1) - 1), pos.size(2)
+    table = pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
+    return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], dim=1)  # (1, 1 + P, D)
+
+
+def _flava_from_hf(cls, path, overrides):
+    """FLAVA.from_pretrained. Fused q/k/v, BERT's token-type row 0 folded into the text positions (BERT adds it
+    to every token), 512 text positions cut to text_len; the encoders' tanh poolers (no pretraining output reads
+    them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is an error."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), **overrides)
+    state = {k.removeprefix("flava."): v for k, v in read_weights(folder, lambda k: "image_codebook." not in k).items()}
+    for h in HF_HEADS[:4]:  # the output bias is one tied tensor, saved as <head>.bias, decoder.bias or both
+        tied = state.pop(f"{h}.bias", None)
+        state[f"{h}.decoder.bias"] = state.get(f"{h}.decoder.bias", tied)
+    names = _hf_names(cfg)
+    used = {n for src in names.values() for n in (src if isinstance(src, tuple) else (src,))}
+    dropped = re.compile(r"image_codebook\..*|(image|text|multimodal)_model\.pooler\.dense\.(weight|bias)|.*_ids")
+    unknown = sorted(k for k in state if k not in used and not dropped.fullmatch(k))
+    missing = sorted(k for k in used if state.get(k) is None)
+    heads = sorted(k for k in used if k.startswith(HF_HEADS))
+    if unknown or missing and missing != heads:
+        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; missing: {missing[:8]}")
+    model = cls(cfg)
+    ours = model.state_dict()
+    if missing:
+        print(f"{folder}: no pretraining heads (a FlavaModel checkpoint): MIM, MLM, MMM and ITM keep their initialisation")
+    grid = math.isqrt(state[names["image_encoder.pos_embed"]].size(1) - 1)
+    if grid != cfg.grid:
+        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches "
+              f"for image_size={cfg.image_size}")
+    for name, src in names.items():
+        parts = [state[k].float() if state[k].is_floating_point() else state[k] for k in (src if isinstance(src, tuple) else (src,))
+                 if state.get(k) is not None]
+        if name == "text_encoder.pos_embed":
+            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]  # (1, L, D): position + token type 0
+        elif name == "image_encoder.pos_embed":
+            ours[name] = parts[0] if grid == cfg.grid else _resize_positions(parts[0], cfg.grid)  # (1, 1 + P, D)
+        elif parts:
+            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]  # q, k, v stacked: qkv's (3D, D) layout
+    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp to [0, ln 100] on every use, as
+    # CLIP, open_clip and TorchMultimodal do. A stored value inside the range gives identical logits.
+    scale = float(ours["logit_scale"])
+    if not 0 <= scale <= LOGIT_SCALE_MAX:
+        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x {math.exp(min(max(scale, 0), LOGIT_SCALE_MAX) - scale):.6f}")
+        ours["logit_scale"] = ours["logit_scale"].clamp(0, LOGIT_SCALE_MAX)
+    load_state(model, ours, f"{folder}")
+    return model
+
+
+def _resize_mode(folder) -> str:
+    """How a folder's preprocessor_config.json resizes: "squash" (the whole image to S x S, aspect lost: Hugging
+    Face's FlavaImageProcessor with an integer size or a height and width, its default) or "crop" (shortest side,
+    then the central square, as TorchMultimodal and nanoFLAVA do)."""
+    file = Path(folder) / "preprocessor_config.json"
+    pre = json.loads(file.read_text()) if file.is_file() else {}
+    for key, ours in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        if key in pre and not torch.allclose(torch.tensor(pre[key]), torch.tensor(ours)):
+            print(f"{file}: {key}={pre[key]}, but nanoFLAVA normalises with CLIP's {ours}")
+    size = pre.get("size", 224)
+    return "crop" if isinstance(size, dict) and "shortest_edge" in size else "squash"
+
+
+def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
+    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as load_checkpoint returns it): the model, DALL-E's
+    encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook; None if
+    neither has one), the vocabulary of vocab.txt, and the resizing of its preprocessor_config.json."""
+    model, folder = FLAVA.from_pretrained(path, **overrides), Path(path)
+    if not (folder / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
+    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
+    tokenizer = None
+    if _codebook_state(codebook or path):
+        tokenizer = DalleEncoder.from_pretrained(codebook or path, model.cfg).state_dict()
+    else:
+        print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
+    return {"format": "nanoflava-1", "model": model.state_dict(), "dvae": tokenizer, "model_cfg": asdict(model.cfg),
+            "step": 0, "vocab": [t.rstrip("\r") for t in (vocab[:-1] if vocab[-1] == "" else vocab)],
+            "converted_from": str(folder), "preprocess": _resize_mode(folder)}
+
+
+if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a published FLAVA (Hugging Face folder) as a nanoFLAVA checkpoint")
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("hf_folder", help="facebook/flava-full downloaded: config.json, pytorch_model.bin, vocab.txt")
+    parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
+    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no image_codebook.*")
+    args = parser.parse_args()
+    ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save(ckpt, args.out + ".tmp")  # written whole, then renamed: never a torn checkpoint
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}: {sum(v.numel() for v in ckpt['model'].values()) / 1e6:.1f}M parameters, "
+          f"image tokenizer {'DALL-E encoder' if ckpt['dvae'] else 'none'}, {len(ckpt['vocab'])} word pieces")
