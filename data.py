@@ -37,7 +37,8 @@ MAX_SKIPS = 50  # consecutive unreadable files before a dataset gives up
 # stripped, and every punctuation character (Unicode P*, and every ASCII symbol) a word of its own.
 _ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
 _ASCII_CONTROLS = {c: None for c in (*range(32), 127) if chr(c) not in "\t\n\r"}  # str.translate deletes them
-_CJK = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2CEAF), (0x2F800, 0x2FA1F))
+_CJK = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2CEAF),
+        (0x2F800, 0x2FA1F))  # the code point ranges of BERT's _is_chinese_char
 
 
 def _strip_accents(word):
@@ -488,7 +489,8 @@ class FilePairs(_SkipBadFiles):
 
     def _read(self, i, rng=None):
         ids, attn = self.tokenizer.encode(self.captions[i], self.text_len)
-        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash), "ids": ids[0], "attn": attn[0]}
+        image = read_image(self.files[i], self.image_size, self.train, rng, self.squash)
+        return {"image": image, "ids": ids[0], "attn": attn[0]}
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -513,7 +515,8 @@ class ImageFolder(_SkipBadFiles):
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
 
     def _read(self, i, rng=None):
-        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash), "label": self.labels[i]}
+        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash),
+                "label": self.labels[i]}
 
 
 class TextFile:

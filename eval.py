@@ -217,7 +217,8 @@ def read_class_names(path, folders):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
-        table = {v[0] if isinstance(v, list) else k: v[-1] if isinstance(v, list) else v for k, v in json.loads(text).items()}
+        table = {v[0] if isinstance(v, list) else k: v[-1] if isinstance(v, list) else v
+                 for k, v in json.loads(text).items()}
     else:
         table = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
     table = {k.strip().replace("_", " "): v.strip() for k, v in table.items()}  # as data.ImageFolder names folders
@@ -429,7 +430,8 @@ def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, de
     if hasattr(dvae, "decode_indices"):
         x = images[:8].to(device).float() / 255  # (8, 3, S, S)
         recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
-        figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x), title="inputs, and their dVAE reconstructions")
+        figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x),
+                                    title="inputs, and their dVAE reconstructions")
     else:
         print("dvae.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
     figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
@@ -498,7 +500,8 @@ def main(argv=None):
                               args.n_probe, pairs, classes, texts)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
     os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
-    log, mask_ratio = ckpt_dir and os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
+    log = os.path.join(ckpt_dir, "log.jsonl") if ckpt_dir else ""
+    mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ class ModelConfig:
     dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
     dvae_hidden: int = 32  # dVAE conv width
     dvae_code_dim: int = 32  # width of a codebook vector
-    image_tokenizer: str = "dvae"  # MIM targets: "dvae" = the tiny dVAE of stage 1; "dalle" = FLAVA's published codebook
+    image_tokenizer: str = "dvae"  # MIM targets from "dvae" (the tiny dVAE of stage 1) or "dalle" (FLAVA's published)
     dalle_hidden: int = 256  # width of DALL-E's encoder (the published codebook: 256)
     dalle_blocks: int = 2  # residual blocks per group of DALL-E's encoder (the published codebook: 2)
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
@@ -503,8 +503,9 @@ class DalleBlock(nn.Module):
         super().__init__()
         h = c_out // 4
         self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.res_path = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1),
-                                      nn.ReLU(), nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, c_out, 1))
+        self.res_path = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, h, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1),
+                                      nn.ReLU(), nn.Conv2d(h, c_out, 1))
         self.post_gain = 1 / n_blocks**2
 
     def forward(self, x):
@@ -523,8 +524,8 @@ class DalleEncoder(nn.Module):
         h, n, self.side = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
         widths = (h, h, 2 * h, 4 * h, 8 * h)
         self.input = nn.Conv2d(3, h, 7, padding=3)
-        self.groups = nn.ModuleList(nn.Sequential(*(DalleBlock(widths[g] if b == 0 else widths[g + 1], widths[g + 1], 4 * n) for b in range(n)))
-                                    for g in range(4))
+        self.groups = nn.ModuleList(  # group g: its first block widens widths[g] -> widths[g + 1]
+            nn.Sequential(*(DalleBlock(widths[g + (b > 0)], widths[g + 1], 4 * n) for b in range(n))) for g in range(4))
         self.output = nn.Conv2d(8 * h, cfg.codebook_size, 1)
 
     def forward(self, pixels):
@@ -556,7 +557,7 @@ class DalleEncoder(nn.Module):
         return encoder.requires_grad_(False).eval()
 
 
-def image_tokenizer(cfg: ModelConfig) -> nn.Module:
+def image_tokenizer_for(cfg: ModelConfig) -> nn.Module:
     """The module whose codebook_indices are the MIM and MMM-image targets: the dVAE or DALL-E's encoder."""
     return DalleEncoder(cfg) if cfg.image_tokenizer == "dalle" else DVAE(cfg)
 
@@ -580,6 +581,18 @@ def _stem_flops(cfg: ModelConfig) -> float:
     return sum(2 * (cfg.image_size >> i) ** 2 * 4 * chans[i - 1] * chans[i] for i in range(1, len(chans)))
 
 
+def _dalle_flops(cfg: ModelConfig) -> float:
+    """DALL-E's encoder at its 8G-pixel input: the 7x7 conv, every block's four convs (and its 1x1 identity
+    path where the width changes), the 1x1 conv to the codebook. ~52 GFLOPs at 112 px: more than a ViT-B/16."""
+    h, n, s = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
+    widths, total = (h, h, 2 * h, 4 * h, 8 * h), 2 * s * s * 49 * 3 * h
+    for g in range(4):  # group g runs at side s / 2**g
+        for b in range(n):
+            c, w = widths[g + (b > 0)], widths[g + 1]
+            total += 2 * (s >> g) ** 2 * (9 * c * w // 4 + 2 * 9 * (w // 4) ** 2 + w // 4 * w + (c * w if c != w else 0))
+    return total + 2 * cfg.num_patches * 8 * h * cfg.codebook_size
+
+
 def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
                      mlm_prob: float = 0.15, masked_fraction: float = 1.0) -> float:
     """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
@@ -599,6 +612,7 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
 
     h, n = cfg.dvae_hidden, cfg.dvae_layers
     dvae = 2 * (sum((cfg.image_size >> (i + 1)) ** 2 * 16 * (3 if i == 0 else h) * h for i in range(n)) + P * h * C)
+    dvae = _dalle_flops(cfg) if cfg.image_tokenizer == "dalle" else dvae
     text = _encoder_flops(cfg, cfg.text_layers, L)
     if source == "images":
         return 3 * (image(1 + P) + head(n_img, C)) + dvae
@@ -660,13 +674,13 @@ def models_from_checkpoint(ckpt: dict, device="cpu"):
     load_state(model, ckpt["model"], "checkpoint model weights")
     if ckpt["dvae"] is None:
         return model.to(device), None
-    dvae = image_tokenizer(cfg)
+    dvae = image_tokenizer_for(cfg)
     load_state(dvae, ckpt["dvae"], "checkpoint image tokenizer weights")
     return model.to(device), dvae.to(device).requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------------------------------------
-# Published weights: Hugging Face's FLAVA (facebook/flava-full) read with torch alone
+# Published weights: Hugging Face's FLAVA (facebook/flava-full), read with torch alone
 # ---------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -674,31 +688,33 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 def _read_safetensors(path, keep) -> dict:
-    """A .safetensors file, by hand: an 8-byte little-endian header length, a JSON header {name: {dtype,
-    shape, data_offsets}} (byte offsets into what follows), then the raw little-endian tensors."""
+    """A .safetensors file by hand: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} (byte offsets into what follows), then the raw little-endian tensors."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         try:
             header = json.loads(f.read(n))
         except (ValueError, MemoryError, OverflowError):
             raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+        header.pop("__metadata__", None)
         state = {}
         for name, info in header.items():
-            if name == "__metadata__" or not keep(name):
-                state.update({} if name == "__metadata__" else {name: None})  # listed, not read
+            if not keep(name):
+                state[name] = None  # listed, not read
                 continue
             (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES.get(info["dtype"])
             f.seek(8 + n + start)
-            buf = bytearray(f.read(end - start))  # writable: torch.frombuffer shares it
+            buf = bytearray(f.read(end - start))  # writable, as torch.frombuffer wants; the tensor shares it
             if dtype is None or len(buf) != math.prod(info["shape"]) * dtype.itemsize:
                 raise ValueError(f"{path}: tensor {name} is truncated or of an unknown dtype {info['dtype']}")
-            state[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else torch.zeros(info["shape"], dtype=dtype)
+            state[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
+                torch.zeros(info["shape"], dtype=dtype)
     return state
 
 
 def read_weights(folder, keep=lambda name: True) -> dict:
     """name -> tensor from a Hugging Face folder: model.safetensors or pytorch_model.bin, sharded or not
-    (*.index.json). Names `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
+    (*.index.json). Names that `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
     folder, files = Path(folder), []
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
@@ -712,7 +728,7 @@ def read_weights(folder, keep=lambda name: True) -> dict:
         if file.suffix == ".safetensors":
             state |= _read_safetensors(file, keep)
             continue
-        try:  # a zip-format file is memory-mapped (only what is kept is read); a legacy one loads whole
+        try:  # a zip-format file is memory-mapped (only what is kept gets read); a legacy one loads whole
             part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
             part = torch.load(file, map_location="cpu", weights_only=True)
@@ -721,12 +737,12 @@ def read_weights(folder, keep=lambda name: True) -> dict:
 
 
 def _codebook_state(path) -> dict:
-    """DalleEncoder's state from Hugging Face's FlavaImageCodebook names (with flava-full's image_codebook.
-    prefix or without it, as facebook/flava-image-codebook saves them); {} when there are none."""
-    state = read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks.")))
+    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
+    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
+    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
     out = {}
-    for name, tensor in state.items():
-        if tensor is not None:  # blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight
+    for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
+        if tensor is not None:
             name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
             name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
                           lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
@@ -734,15 +750,13 @@ def _codebook_state(path) -> dict:
     return out
 
 
-# Hugging Face's FlavaConfig defaults (= the `base` preset), for what a config.json leaves out.
-_LAYERS = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
-               qkv_bias=True)
-HF_DEFAULTS = {"image_config": dict(_LAYERS, num_hidden_layers=12, image_size=224, patch_size=16, num_channels=3,
-                                    vocab_size=8192),
-               "text_config": dict(_LAYERS, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
-               "multimodal_config": dict(_LAYERS, num_hidden_layers=6, use_cls_token=True),
-               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, num_groups=4, input_channels=3,
-                                             vocab_size=8192)}
+# Hugging Face's FlavaConfig defaults (those of the `base` preset), for what a config.json leaves out
+_TOWER = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-12, hidden_act="gelu",
+              qkv_bias=True)
+HF_DEFAULTS = {"image_config": dict(_TOWER, num_hidden_layers=12, image_size=224, patch_size=16, vocab_size=8192),
+               "text_config": dict(_TOWER, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
+               "multimodal_config": dict(_TOWER, num_hidden_layers=6),
+               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, vocab_size=8192)}
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -750,34 +764,24 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
     sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
     img, txt, mm, cb = sub.values()
-    side = {k: v[0] if isinstance(v, (list, tuple)) and len(set(v)) == 1 else v for k, v in img.items()}
-    need = dict(_LAYERS, hidden_size=img["hidden_size"], num_attention_heads=img["num_attention_heads"],
-                intermediate_size=img["intermediate_size"], layer_norm_eps=img["layer_norm_eps"])
-    problems = [f"{k}.{key}={sub[k][key]!r} (needs {want!r})" for k in ("image_config", "text_config", "multimodal_config")
-                for key, want in need.items() if sub[k][key] != want]
-    problems += [f"{what}" for what, bad in (
-        (f"hidden_size={hf.get('hidden_size', 768)} differs from the encoders' {img['hidden_size']}",
-         hf.get("hidden_size", 768) != img["hidden_size"]),
-        (f"intermediate_size={img['intermediate_size']} is not a multiple of hidden_size", img["intermediate_size"] % img["hidden_size"]),
-        (f"image_config.image_size/patch_size={img['image_size']}/{img['patch_size']} are not square",
-         not isinstance(side["image_size"], int) or not isinstance(side["patch_size"], int)),
-        (f"image_config.num_channels={img['num_channels']} (needs 3)", img["num_channels"] != 3),
-        ("multimodal_config.use_cls_token=false", not mm["use_cls_token"]),
-        (f"image_codebook_config.vocab_size={cb['vocab_size']} != image_config.vocab_size={img['vocab_size']}",
-         cb["vocab_size"] != img["vocab_size"]),
-        (f"image_codebook_config.num_groups={cb['num_groups']} (needs 4)", cb["num_groups"] != 4)) if bad]
+    size, patch = (img[k][0] if isinstance(img[k], list) and len(set(img[k])) == 1 else img[k]
+                   for k in ("image_size", "patch_size"))  # [224, 224] -> 224
+    checks = {  # name: (value, what nanoFLAVA needs)
+        **{f"{k}.{key}": (sub[k][key], img[key]) for k in ("text_config", "multimodal_config") for key in _TOWER},
+        "image_config.hidden_act": (img["hidden_act"], "gelu"), "image_config.qkv_bias": (img["qkv_bias"], True),
+        "hidden_size": (hf.get("hidden_size", 768), img["hidden_size"]),
+        "intermediate_size % hidden_size": (img["intermediate_size"] % img["hidden_size"], 0),
+        "square image_size and patch_size": (isinstance(size, int) and isinstance(patch, int), True),
+        "image_codebook_config.vocab_size": (cb["vocab_size"], img["vocab_size"]),
+        "text_len <= max_position_embeddings": (overrides.get("text_len", 0) <= txt["max_position_embeddings"], True)}
+    problems = [f"{name}={got!r} (needs {want!r})" for name, (got, want) in checks.items() if got != want]
     if problems:
         raise ValueError("this Hugging Face FLAVA config does not fit nanoFLAVA: " + "; ".join(problems))
-    known = {f.name for f in fields(ModelConfig)}
-    if set(overrides) - known:
-        raise ValueError(f"ModelConfig has no field(s) {sorted(set(overrides) - known)}")
-    if overrides.get("text_len", 0) > txt["max_position_embeddings"]:
-        raise ValueError(f"text_len={overrides['text_len']} exceeds the {txt['max_position_embeddings']} text positions")
-    return ModelConfig(**{**PRESETS["base"], **dict(
-        image_size=side["image_size"], patch_size=side["patch_size"], stem="linear", width=img["hidden_size"],
+    return ModelConfig.from_preset("base", **{**dict(
+        image_size=size, patch_size=patch, width=img["hidden_size"],
         heads=img["num_attention_heads"], mlp_ratio=img["intermediate_size"] // img["hidden_size"],
         image_layers=img["num_hidden_layers"], text_layers=txt["num_hidden_layers"], mm_layers=mm["num_hidden_layers"],
-        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77
+        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77 tokens
         embed_dim=hf.get("projection_dim", 768), codebook_size=img["vocab_size"], ln_eps=img["layer_norm_eps"],
         image_tokenizer="dalle", dalle_hidden=cb["hidden_size"], dalle_blocks=cb["num_blocks_per_group"]), **overrides})
 
@@ -787,46 +791,38 @@ HF_HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head
 
 def _hf_names(cfg: ModelConfig) -> dict:
     """nanoFLAVA tensor name -> the Hugging Face name(s) it is made of (FlavaForPreTraining's, less "flava.")."""
-    m = {}
-    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("text_encoder", "text_model", cfg.text_layers),
-                            ("mm_encoder", "multimodal_model", cfg.mm_layers)):
-        for w in ("weight", "bias"):
-            for i in range(depth):
-                a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
-                m[f"{a}.attn.qkv.{w}"] = tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
-                m |= {f"{a}.attn.proj.{w}": f"{b}.attention.output.dense.{w}", f"{a}.mlp.fc1.{w}": f"{b}.intermediate.dense.{w}",
-                      f"{a}.mlp.fc2.{w}": f"{b}.output.dense.{w}", f"{a}.ln1.{w}": f"{b}.layernorm_before.{w}",
-                      f"{a}.ln2.{w}": f"{b}.layernorm_after.{w}"}
-            m[f"{ours}.transformer.ln_f.{w}"] = f"{hf}.layernorm.{w}"
-    e, t = "image_model.embeddings", "text_model.embeddings"
-    m |= {"image_encoder.cls_token": f"{e}.cls_token", "image_encoder.mask_token": f"{e}.mask_token",
-          "image_encoder.pos_embed": f"{e}.position_embeddings", "text_encoder.word_embed.weight": f"{t}.word_embeddings.weight",
-          "text_encoder.pos_embed": (f"{t}.position_embeddings.weight", f"{t}.token_type_embeddings.weight"),
-          "mm_encoder.cls_token": "multimodal_model.cls_token", "logit_scale": "logit_scale"}
-    for w in ("weight", "bias"):
-        m |= {f"image_encoder.patch_embed.{w}": f"{e}.patch_embeddings.projection.{w}", f"text_encoder.ln_embed.{w}": f"{t}.LayerNorm.{w}",
-              f"mm_encoder.image_to_mm.{w}": f"image_to_mm_projection.{w}", f"mm_encoder.text_to_mm.{w}": f"text_to_mm_projection.{w}",
-              f"image_projection.{w}": f"image_projection.{w}", f"text_projection.{w}": f"text_projection.{w}",
-              f"itm_head.pooler.{w}": f"itm_head.pooler.dense.{w}", f"itm_head.classifier.{w}": f"itm_head.seq_relationship.{w}"}
-        for h in HF_HEADS[:4]:  # (the output bias: see _flava_from_hf)
-            m |= {f"{h}.dense.{w}": f"{h}.transform.dense.{w}", f"{h}.ln.{w}": f"{h}.transform.LayerNorm.{w}",
-                  f"{h}.decoder.{w}": f"{h}.decoder.{w}"}
-    return m
-
-
-def _resize_positions(pos, grid: int):
-    """(1, 1 + g*g, D) image positions -> (1, 1 + grid*grid, D): the patch rows resized bicubically as a g x g
-    image (as Hugging Face's interpolate_pos_encoding); the [CLS_I] row stays."""
-    g, D = math.isqrt(pos.size(1) - 1), pos.size(2)
-    table = pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-    table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
-    return torch.cat([pos[:, :1], table.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], dim=1)  # (1, 1 + P, D)
+    m = {"image_encoder.cls_token": "image_model.embeddings.cls_token", "logit_scale": "logit_scale",
+         "image_encoder.mask_token": "image_model.embeddings.mask_token",
+         "mm_encoder.cls_token": "multimodal_model.cls_token",
+         "image_encoder.pos_embed": "image_model.embeddings.position_embeddings",
+         "text_encoder.word_embed.weight": "text_model.embeddings.word_embeddings.weight",
+         "text_encoder.pos_embed": ("text_model.embeddings.position_embeddings.weight",
+                                    "text_model.embeddings.token_type_embeddings.weight")}
+    renames = {"image_encoder.patch_embed": "image_model.embeddings.patch_embeddings.projection",
+               "text_encoder.ln_embed": "text_model.embeddings.LayerNorm", "image_projection": "image_projection",
+               "mm_encoder.image_to_mm": "image_to_mm_projection", "mm_encoder.text_to_mm": "text_to_mm_projection",
+               "text_projection": "text_projection", "itm_head.pooler": "itm_head.pooler.dense",
+               "itm_head.classifier": "itm_head.seq_relationship"}
+    renames |= {f"{h}.{ours}": f"{h}.{theirs}" for h in HF_HEADS[:4] for ours, theirs in
+                (("dense", "transform.dense"), ("ln", "transform.LayerNorm"), ("decoder", "decoder"))}
+    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("mm_encoder", "multimodal_model",
+                            cfg.mm_layers), ("text_encoder", "text_model", cfg.text_layers)):
+        renames[f"{ours}.transformer.ln_f"] = f"{hf}.layernorm"
+        for i in range(depth):
+            a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
+            renames |= {f"{a}.attn.proj": f"{b}.attention.output.dense", f"{a}.mlp.fc1": f"{b}.intermediate.dense",
+                        f"{a}.mlp.fc2": f"{b}.output.dense", f"{a}.ln1": f"{b}.layernorm_before",
+                        f"{a}.ln2": f"{b}.layernorm_after"}
+            m |= {f"{a}.attn.qkv.{w}": tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
+                  for w in ("weight", "bias")}
+    return m | {f"{ours}.{w}": f"{hf}.{w}" for ours, hf in renames.items() for w in ("weight", "bias")}
 
 
 def _flava_from_hf(cls, path, overrides):
-    """FLAVA.from_pretrained. Fused q/k/v, BERT's token-type row 0 folded into the text positions (BERT adds it
-    to every token), 512 text positions cut to text_len; the encoders' tanh poolers (no pretraining output reads
-    them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is an error."""
+    """FLAVA.from_pretrained. q, k and v fuse into qkv; BERT's token-type row 0 (which it adds to every token)
+    folds into the text positions, cut from 512 to text_len; the encoders' tanh poolers (no pretraining output
+    reads them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is
+    an error. Image positions are resized for another image_size."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
@@ -839,80 +835,73 @@ def _flava_from_hf(cls, path, overrides):
     used = {n for src in names.values() for n in (src if isinstance(src, tuple) else (src,))}
     dropped = re.compile(r"image_codebook\..*|(image|text|multimodal)_model\.pooler\.dense\.(weight|bias)|.*_ids")
     unknown = sorted(k for k in state if k not in used and not dropped.fullmatch(k))
-    missing = sorted(k for k in used if state.get(k) is None)
-    heads = sorted(k for k in used if k.startswith(HF_HEADS))
+    missing, heads = sorted(k for k in used if state.get(k) is None), sorted(k for k in used if k.startswith(HF_HEADS))
     if unknown or missing and missing != heads:
-        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; missing: {missing[:8]}")
+        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; "
+                         f"missing: {missing[:8]}")
+    if missing:
+        print(f"{folder}: no pretraining heads (a FlavaModel file): MIM, MLM, MMM and ITM keep their initialisation")
     model = cls(cfg)
     ours = model.state_dict()
-    if missing:
-        print(f"{folder}: no pretraining heads (a FlavaModel checkpoint): MIM, MLM, MMM and ITM keep their initialisation")
-    grid = math.isqrt(state[names["image_encoder.pos_embed"]].size(1) - 1)
-    if grid != cfg.grid:
-        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches "
-              f"for image_size={cfg.image_size}")
     for name, src in names.items():
-        parts = [state[k].float() if state[k].is_floating_point() else state[k] for k in (src if isinstance(src, tuple) else (src,))
-                 if state.get(k) is not None]
-        if name == "text_encoder.pos_embed":
-            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]  # (1, L, D): position + token type 0
-        elif name == "image_encoder.pos_embed":
-            ours[name] = parts[0] if grid == cfg.grid else _resize_positions(parts[0], cfg.grid)  # (1, 1 + P, D)
-        elif parts:
-            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]  # q, k, v stacked: qkv's (3D, D) layout
-    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp to [0, ln 100] on every use, as
-    # CLIP, open_clip and TorchMultimodal do. A stored value inside the range gives identical logits.
+        parts = [state[k].float() for k in (src if isinstance(src, tuple) else (src,)) if state.get(k) is not None]
+        if name == "text_encoder.pos_embed":  # (1, L, D): positions plus token type 0, which BERT adds to every token
+            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]
+        elif parts:  # q, k and v stacked on dim 0 are qkv's (3D, D) layout
+            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    grid = math.isqrt(ours["image_encoder.pos_embed"].size(1) - 1)
+    if grid != cfg.grid:  # (1, 1 + g*g, D) -> (1, 1 + P, D): the patch rows resized as a g x g image, as HF does
+        pos, D = ours["image_encoder.pos_embed"], cfg.width
+        table = F.interpolate(pos[:, 1:].reshape(1, grid, grid, D).permute(0, 3, 1, 2), size=(cfg.grid, cfg.grid),
+                              mode="bicubic", align_corners=False)  # (1, D, G, G)
+        ours["image_encoder.pos_embed"] = torch.cat([pos[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches")
+    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp it to [0, ln 100] on every use, as
+    # CLIP, open_clip and TorchMultimodal do. Inside that range both give the same logits; outside it, we say so.
     scale = float(ours["logit_scale"])
     if not 0 <= scale <= LOGIT_SCALE_MAX:
-        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x {math.exp(min(max(scale, 0), LOGIT_SCALE_MAX) - scale):.6f}")
         ours["logit_scale"] = ours["logit_scale"].clamp(0, LOGIT_SCALE_MAX)
-    load_state(model, ours, f"{folder}")
+        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x "
+              f"{math.exp(float(ours['logit_scale']) - scale):.6f}")
+    load_state(model, ours, str(folder))
     return model
 
 
-def _resize_mode(folder) -> str:
-    """How a folder's preprocessor_config.json resizes: "squash" (the whole image to S x S, aspect lost: Hugging
-    Face's FlavaImageProcessor with an integer size or a height and width, its default) or "crop" (shortest side,
-    then the central square, as TorchMultimodal and nanoFLAVA do)."""
-    file = Path(folder) / "preprocessor_config.json"
-    pre = json.loads(file.read_text()) if file.is_file() else {}
-    for key, ours in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-        if key in pre and not torch.allclose(torch.tensor(pre[key]), torch.tensor(ours)):
-            print(f"{file}: {key}={pre[key]}, but nanoFLAVA normalises with CLIP's {ours}")
-    size = pre.get("size", 224)
-    return "crop" if isinstance(size, dict) and "shortest_edge" in size else "squash"
-
-
 def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
-    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as load_checkpoint returns it): the model, DALL-E's
-    encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook; None if
-    neither has one), the vocabulary of vocab.txt, and the resizing of its preprocessor_config.json."""
+    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as load_checkpoint returns one): the model,
+    DALL-E's encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook;
+    None if neither has one), the vocabulary of vocab.txt, and how preprocessor_config.json resizes: "squash"
+    (the whole image to S x S: Hugging Face's FlavaImageProcessor with an integer or height-and-width size, its
+    default) or "crop" (shortest side, then the central square, as TorchMultimodal and nanoFLAVA's data.py)."""
     model, folder = FLAVA.from_pretrained(path, **overrides), Path(path)
     if not (folder / "vocab.txt").is_file():
         raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
-    tokenizer = None
-    if _codebook_state(codebook or path):
-        tokenizer = DalleEncoder.from_pretrained(codebook or path, model.cfg).state_dict()
-    else:
+    tokenizer = _codebook_state(codebook or path) or None
+    if tokenizer is None:
         print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
+    else:
+        load_state(DalleEncoder(model.cfg), tokenizer, f"{codebook or folder} image codebook")  # shapes checked
+    pre = folder / "preprocessor_config.json"
+    size = json.loads(pre.read_text()).get("size", 224) if pre.is_file() else 224  # Hugging Face's default: 224
     return {"format": "nanoflava-1", "model": model.state_dict(), "dvae": tokenizer, "model_cfg": asdict(model.cfg),
             "step": 0, "vocab": [t.rstrip("\r") for t in (vocab[:-1] if vocab[-1] == "" else vocab)],
-            "converted_from": str(folder), "preprocess": _resize_mode(folder)}
+            "converted_from": str(folder), "preprocess": "crop" if isinstance(size, dict) and "shortest_edge" in size
+            else "squash"}
 
 
 if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER]
     import argparse
 
-    parser = argparse.ArgumentParser(description="Save a published FLAVA (Hugging Face folder) as a nanoFLAVA checkpoint")
+    parser = argparse.ArgumentParser(description="A published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
     parser.add_argument("command", choices=["convert"])
-    parser.add_argument("hf_folder", help="facebook/flava-full downloaded: config.json, pytorch_model.bin, vocab.txt")
+    parser.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
     parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
-    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no image_codebook.*")
+    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
     args = parser.parse_args()
     ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save(ckpt, args.out + ".tmp")  # written whole, then renamed: never a torn checkpoint
     os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}: {sum(v.numel() for v in ckpt['model'].values()) / 1e6:.1f}M parameters, "
-          f"image tokenizer {'DALL-E encoder' if ckpt['dvae'] else 'none'}, {len(ckpt['vocab'])} word pieces")
+    print(f"wrote {args.out}: image tokenizer {'DALL-E encoder' if ckpt['dvae'] else 'none'}, "
+          f"{len(ckpt['vocab'])} word pieces")

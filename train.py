@@ -35,7 +35,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from losses import FLAVALoss, LossConfig, codebook_stats, compile_step, dvae_loss
-from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer, load_checkpoint, load_state,
+from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer_for, load_checkpoint, load_state,
                    pretrained_checkpoint)
 
 NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
@@ -53,7 +53,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
     texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
-    init_from: str = ""  # start from a Hugging Face FLAVA folder or a ckpt.pt: its model, vocabulary and image tokenizer
+    init_from: str = ""  # start from a Hugging Face FLAVA folder or a ckpt.pt: its model, vocabulary, image tokenizer
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
     batch_size: int = 128  # global batch per step, split evenly over ranks
@@ -428,8 +428,9 @@ def main(argv=None):
 
     # ---- stage 1: the dVAE ------------------------------------------------------------------
     if resume is not None or init is not None:  # the checkpoint's own tokenizer: the dVAE or DALL-E's encoder
-        dvae = image_tokenizer(mcfg).to(device)
-        load_state(dvae, (resume or init)["dvae"], f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
+        dvae = image_tokenizer_for(mcfg).to(device)
+        load_state(dvae, (resume or init)["dvae"],
+                   f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
     elif cfg.dvae_ckpt or os.path.exists(dvae_path) and cfg.resume:
         dvae = DVAE(mcfg).to(device)
         load_state(dvae, torch.load(cfg.dvae_ckpt or dvae_path, map_location=device, weights_only=True),

@@ -230,6 +230,20 @@ def test_another_image_size_interpolates_the_positions_and_the_logit_scale_is_cl
     assert loaded.image_embeddings(torch.rand(2, 3, 48, 48)).shape == (2, 16)
 
 
+def test_dalle_encoder_flops_are_counted(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for kw in (dict(), dict(image_size=64, patch_size=16, dalle_hidden=16, dalle_blocks=3, codebook_size=32)):
+        cfg = M.ModelConfig.from_preset("base", image_tokenizer="dalle", **kw)  # base: 112 px, 256 wide, 2 blocks
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            M.DalleEncoder(cfg)(torch.rand(1, 3, 8 * cfg.grid, 8 * cfg.grid))
+        assert M._dalle_flops(cfg) == counter.get_total_flops()
+    with_it = {src: M.flops_per_sample(cfg, src, masked_fraction=0.5) for src in ("images", "pairs")}
+    monkeypatch.setattr(M, "_dalle_flops", lambda cfg: 0)  # the targets' pass: once per image, forward only
+    assert with_it["images"] - M.flops_per_sample(cfg, "images") == counter.get_total_flops()
+    assert with_it["pairs"] - M.flops_per_sample(cfg, "pairs", masked_fraction=0.5) == 0.5 * counter.get_total_flops()
+
+
 # ---------------------------------------------------------------------------------------------
 # BERT's tokenizer and Hugging Face's resizing, by hand
 # ---------------------------------------------------------------------------------------------
