@@ -252,6 +252,7 @@ TOKENIZER_CASES = {  # text -> BERT uncased's word pieces (Google's tokenization
     "中文字": ["中", "文", "字"],  # CJK ideographs: one word each
     "zero\u200bwidth": ["zero", "##width"],  # U+200B (format, Cf) deleted: one word
     "bell\x07ed": ["bell", "##ed"],  # a control character (Cc) deleted
+    "né\x0bs\x85t": ["nest"],  # also those that Python's str.split() would split on
     "Café, NAÏVE!": ["cafe", ",", "naive", "!"],  # lower case, accents stripped, punctuation split
     "İstanbul": ["istanbul"],  # lower-cased to i + a combining dot, which goes with the accents
     "5€ $5": ["5", "##€", "$", "5"],  # a currency sign is no punctuation (Sc), an ASCII symbol always is
@@ -263,7 +264,7 @@ TOKENIZER_CASES = {  # text -> BERT uncased's word pieces (Google's tokenization
 
 
 def test_the_tokenizer_follows_bert_on_hand_written_cases():
-    vocab = [*data.SPECIALS, "中", "文", "字", "zero", "##width", "bell", "##ed", "cafe", ",", "naive", "!", "istanbul",
+    vocab = [*data.SPECIALS, "中", "文", "字", "zero", "##width", "bell", "##ed", "nest", "cafe", ",", "naive", "!", "istanbul",
              "5", "##€", "$", "a", "b", "c", "d", "snake", "_", "case", "οδος", "x", "##x"]
     tok = data.Tokenizer(vocab)
     for text, pieces in TOKENIZER_CASES.items():
@@ -302,7 +303,7 @@ def pairs_file(folder, n=8):
     return folder / "pairs.jsonl"
 
 
-def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys):
+def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkeypatch):
     model, codebook = ours_small()
     folder = write_folder(tmp_path / "flava", hf_names_of(model, codebook), "safetensors")
     out = tmp_path / "conv" / "ckpt.pt"
@@ -313,11 +314,16 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys):
     assert_same_state(net.state_dict(), model.state_dict()) and isinstance(tok, M.DalleEncoder)
     classes, names = image_files(tmp_path / "imagenet"), tmp_path / "names.tsv"
     names.write_text("n0001\tred square\nn0002\tblue circle\n")
+    prompted, zero_shot = [], E.zero_shot  # the class names the prompts are made of
+    monkeypatch.setattr(E, "zero_shot", lambda *a, **k: prompted.append(a[5]) or zero_shot(*a, **k))
     E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(names), "--pairs",
             str(pairs_file(tmp_path)), "--out_dir", str(tmp_path / "e1"), "--n_probe", "8", "--skip_figures"])
     results = json.loads((tmp_path / "e1" / "eval.json").read_text())
     assert {"zeroshot_top1", "i2t_r1", "itm_acc", "dvae_perplexity"} <= set(results) and "dvae_recon_mse" not in results
-    assert "has no decoder" in capsys.readouterr().out
+    assert "has no decoder" in capsys.readouterr().out and prompted == [["red square", "blue circle"]]
+    for table in ({"n0001": "red square", "n0002": "blue circle"}, {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
+        (tmp_path / "names.json").write_text(json.dumps(table))  # {folder: name}, and ImageNet's {index: [folder, name]}
+        assert E.read_class_names(str(tmp_path / "names.json"), ["n0001", "n0002"]) == ["red square", "blue circle"]
     (tmp_path / "bad.tsv").write_text("n0001\tred square\n")
     with pytest.raises(SystemExit, match=r"names no class for the sub-folder\(s\) \['n0002'\]"):
         E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(tmp_path / "bad.tsv")])
@@ -453,7 +459,7 @@ CORPUS = ["A photo of a dog, sitting on the grass.", "Don't stop--it's 5:30 p.m.
           "tab\tnew\nline\rcr  nbsp\u00a0ideographic\u3000space", "bell\x07 del\x7f nul\x00 repl\ufffd", "combining e\u0301 n\u0303",
           "ＦＵＬＬＷＩＤＴＨ ａｂｃ １２３", "x² H₂O ½ ﬁne", "5€ €5 £3 ¥ 9¢", "emoji 😀 hi😀 👍🏽 ❤️", "«quotes» „German“ ‘single’ …",
           "¿Qué? ¡Sí! — en–dash", "a_b snake_case __init__", "math ≥ ≤ ± × ÷ ∑ √", "http://example.com/path?q=1&x=y#frag",
-          "word" * 30, "supercalifragilisticexpialidocious", "ǅ ǈ titlecase", "a\x0bb c\x0cd e\x1cf", "\u2028line sep\u2029para",
+          "word" * 30, "supercalifragilisticexpialidocious", "ǅ ǈ titlecase", "a\x0bb c\x0cd e\x1cf é\x0bt\x85é", "\u2028line sep\u2029para",
           "\ue000private use", "Ⅻ roman ⅻ ⓐⓑⓒ", "  leading and trailing  ", "", "!!!", "ß ẞ İİ ﬀ"]
 
 
