@@ -16,7 +16,8 @@ tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation
 
     python eval.py --ckpt out/ckpt.pt          # one table, out/eval.json and the figures out/*.png
     python eval.py --ckpt out/ckpt.pt --pairs held_out.jsonl --classes photos/ --texts labelled.tsv
-    python -m pytest tests/test_eval.py
+    python eval.py --hf flava-full --classes imagenet/val --class_names names.tsv   # the published FLAVA
+    python -m pytest tests/test_eval.py tests/test_pretrained.py
 """
 import argparse
 import json
@@ -258,7 +259,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
 
 
 def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
-             pairs=None, classes=None, texts=None):
+             pairs=None, classes=None, texts=None, prompts=PROMPTS):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
     replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
     check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
@@ -289,7 +290,7 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
         zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
         labels, skipped = torch.tensor([s["label"] for _, s in good]), skipped + bad
         results |= run(zero_shot, tokenizer, zs_images, labels, torch.zeros(len(labels), dtype=torch.bool),
-                       classes.classes, PROMPTS, drops=DROPS)
+                       classes.classes, prompts, drops=DROPS)
         shown.setdefault("images", zs_images)  # what the tokenizer check and the figures use without pairs
         cls = run(image_features, zs_images)[0]  # (n, D)
         results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
@@ -459,6 +460,8 @@ def main(argv=None):
     parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
     parser.add_argument("--class_names", default="", help="names of --classes' sub-folders (e.g. WordNet ids): "
                         "'folder<TAB>name' lines or a JSON object")
+    parser.add_argument("--prompts", default="", help="zero-shot templates for --classes, one a line with {} for "
+                        "the class name (default: the 5 built in; CLIP's paper gives 80 for ImageNet)")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
     parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
@@ -488,6 +491,12 @@ def main(argv=None):
                 files.squash = ckpt.get("preprocess") == "squash"
         if classes is not None and args.class_names:
             classes.classes = read_class_names(args.class_names, classes.classes)
+        prompts = PROMPTS
+        if args.prompts:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts = [t.strip() for t in f if "{}" in t]
+            if not prompts:
+                raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
         texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
         if texts is not None:
             labelled_texts(texts)
@@ -497,7 +506,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
-                              args.n_probe, pairs, classes, texts)
+                              args.n_probe, pairs, classes, texts, prompts)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
     os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
     log = os.path.join(ckpt_dir, "log.jsonl") if ckpt_dir else ""

@@ -8,8 +8,10 @@ discrete VAE (DALL-E, arXiv 2102.12092; used by BEiT, arXiv 2106.08254). FLIP (L
 only pays for the patches it keeps.
 
 This file runs from small parts to large ones: config -> attention, MLP, block -> encoders ->
-heads -> FLAVA -> dVAE -> FLOPs. What is *hidden* lives in masking.py, what is *learned* in
-losses.py. Exercise it with `python -m pytest tests/test_model.py`.
+heads -> FLAVA -> dVAE (and DALL-E's encoder, FLAVA's published image tokenizer) -> FLOPs ->
+checkpoints -> the published weights (`FLAVA.from_pretrained`, `python model.py convert`). What is
+*hidden* lives in masking.py, what is *learned* in losses.py. Exercise it with `python -m pytest
+tests/test_model.py tests/test_pretrained.py`.
 
 Shape legend (used in every shape comment):
     B batch, P image patches (grid G x G), N = 1 + P image tokens (or 1 + K with FLIP keeping K),

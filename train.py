@@ -12,6 +12,7 @@ pass, then tune briefly without dropping.
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped
+    python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
 Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt, eval.json.
 """

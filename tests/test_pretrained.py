@@ -48,7 +48,8 @@ def write_safetensors(path, tensors):
     header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": SAFE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": SAFE_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
     blob = json.dumps(header).encode()
@@ -78,10 +79,12 @@ def hf_names_of(model, codebook):
               "ln1": "layernorm_before", "ln2": "layernorm_after"}
     towers = {"image_encoder": "image_model", "text_encoder": "text_model", "mm_encoder": "multimodal_model"}
     flat = {"image_encoder.cls_token": "image_model.embeddings.cls_token", "logit_scale": "logit_scale",
-            "image_encoder.mask_token": "image_model.embeddings.mask_token", "mm_encoder.cls_token": "multimodal_model.cls_token",
+            "image_encoder.mask_token": "image_model.embeddings.mask_token",
+            "mm_encoder.cls_token": "multimodal_model.cls_token",
             "image_encoder.pos_embed": "image_model.embeddings.position_embeddings",
             "image_encoder.patch_embed": "image_model.embeddings.patch_embeddings.projection",
-            "text_encoder.word_embed": "text_model.embeddings.word_embeddings", "text_encoder.ln_embed": "text_model.embeddings.LayerNorm",
+            "text_encoder.word_embed": "text_model.embeddings.word_embeddings",
+            "text_encoder.ln_embed": "text_model.embeddings.LayerNorm",
             "mm_encoder.image_to_mm": "image_to_mm_projection", "mm_encoder.text_to_mm": "text_to_mm_projection",
             "image_projection": "image_projection", "text_projection": "text_projection",
             "itm_head.pooler": "itm_head.pooler.dense", "itm_head.classifier": "itm_head.seq_relationship"}
@@ -114,10 +117,13 @@ def hf_names_of(model, codebook):
         out |= {f"flava.{tower}.pooler.dense.weight": torch.randn(D, D, generator=gen),
                 f"flava.{tower}.pooler.dense.bias": torch.randn(D, generator=gen)}
     out["flava.text_model.embeddings.position_ids"] = torch.arange(16)[None]
-    for name, t in codebook.state_dict().items():  # groups.1.0.res_path.5.weight -> blocks.group_2.group.block_1.res_path.path.conv_3.weight
+    for name, t in codebook.state_dict().items():  # groups.1.0.res_path.5.weight ->
+        # blocks.group_2.group.block_1.res_path.path.conv_3.weight
         name = re.sub(r"^(input|output)\.", lambda m: f"blocks.{m[1]}{'.conv' if m[1] == 'output' else ''}.", name)
-        name = re.sub(r"^groups\.(\d)\.(\d+)\.", lambda m: f"blocks.group_{int(m[1]) + 1}.group.block_{int(m[2]) + 1}.", name)
-        out["image_codebook." + re.sub(r"res_path\.(\d)", lambda m: f"res_path.path.conv_{(int(m[1]) + 1) // 2}", name)] = t
+        name = re.sub(r"^groups\.(\d)\.(\d+)\.", lambda m: f"blocks.group_{int(m[1]) + 1}.group.block_{int(m[2]) + 1}.",
+                      name)
+        name = re.sub(r"res_path\.(\d)", lambda m: f"res_path.path.conv_{(int(m[1]) + 1) // 2}", name)
+        out["image_codebook." + name] = t
     return out
 
 
@@ -126,8 +132,8 @@ def write_folder(folder, state, fmt, config=HF_CONFIG):
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     if fmt == "bin":  # what transformers 4.x wrote: the tied head bias twice
-        torch.save({**state, **{k.replace(".decoder.bias", ".bias"): v for k, v in state.items() if ".decoder.bias" in k}},
-                   folder / "pytorch_model.bin")
+        tied = {k.replace(".decoder.bias", ".bias"): v for k, v in state.items() if ".decoder.bias" in k}
+        torch.save({**state, **tied}, folder / "pytorch_model.bin")
     else:
         write_safetensors(folder / "model.safetensors", state)
     return folder
@@ -198,7 +204,8 @@ def test_unknown_and_missing_tensors_are_named_and_a_model_without_heads_says_so
     model, codebook = ours_small()
     state = hf_names_of(model, codebook)
     with pytest.raises(ValueError, match=r"neither mapped nor knowingly dropped: \['image_model.extra.weight'\]"):
-        M.FLAVA.from_pretrained(write_folder(tmp_path / "a", {**state, "flava.image_model.extra.weight": torch.ones(1)}, "bin"))
+        M.FLAVA.from_pretrained(write_folder(tmp_path / "a", {**state, "flava.image_model.extra.weight": torch.ones(1)},
+                                             "bin"))
     gone = "flava.text_model.encoder.layer.1.attention.attention.key.bias"
     with pytest.raises(ValueError, match=r"missing: \['text_model.encoder.layer.1.attention.attention.key.bias'\]"):
         M.FLAVA.from_pretrained(write_folder(tmp_path / "b", {k: v for k, v in state.items() if k != gone}, "bin"))
@@ -264,7 +271,8 @@ TOKENIZER_CASES = {  # text -> BERT uncased's word pieces (Google's tokenization
 
 
 def test_the_tokenizer_follows_bert_on_hand_written_cases():
-    vocab = [*data.SPECIALS, "中", "文", "字", "zero", "##width", "bell", "##ed", "nest", "cafe", ",", "naive", "!", "istanbul",
+    vocab = [*data.SPECIALS, "中", "文", "字", "zero", "##width", "bell", "##ed", "nest", "cafe", ",", "naive", "!",
+             "istanbul",
              "5", "##€", "$", "a", "b", "c", "d", "snake", "_", "case", "οδος", "x", "##x"]
     tok = data.Tokenizer(vocab)
     for text, pieces in TOKENIZER_CASES.items():
@@ -315,20 +323,24 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
     classes, names = image_files(tmp_path / "imagenet"), tmp_path / "names.tsv"
     names.write_text("n0001\tred square\nn0002\tblue circle\n")
     prompted, zero_shot = [], E.zero_shot  # the class names the prompts are made of
-    monkeypatch.setattr(E, "zero_shot", lambda *a, **k: prompted.append(a[5]) or zero_shot(*a, **k))
+    monkeypatch.setattr(E, "zero_shot", lambda *a, **k: prompted.append(a[5:7]) or zero_shot(*a, **k))
     E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(names), "--pairs",
             str(pairs_file(tmp_path)), "--out_dir", str(tmp_path / "e1"), "--n_probe", "8", "--skip_figures"])
     results = json.loads((tmp_path / "e1" / "eval.json").read_text())
     assert {"zeroshot_top1", "i2t_r1", "itm_acc", "dvae_perplexity"} <= set(results) and "dvae_recon_mse" not in results
-    assert "has no decoder" in capsys.readouterr().out and prompted == [["red square", "blue circle"]]
-    for table in ({"n0001": "red square", "n0002": "blue circle"}, {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
-        (tmp_path / "names.json").write_text(json.dumps(table))  # {folder: name}, and ImageNet's {index: [folder, name]}
+    assert "has no decoder" in capsys.readouterr().out and prompted == [(["red square", "blue circle"], E.PROMPTS)]
+    for table in ({"n0001": "red square", "n0002": "blue circle"},  # {folder: name}, ImageNet's {index: [folder, name]}
+                  {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
+        (tmp_path / "names.json").write_text(json.dumps(table))
         assert E.read_class_names(str(tmp_path / "names.json"), ["n0001", "n0002"]) == ["red square", "blue circle"]
     (tmp_path / "bad.tsv").write_text("n0001\tred square\n")
     with pytest.raises(SystemExit, match=r"names no class for the sub-folder\(s\) \['n0002'\]"):
         E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(tmp_path / "bad.tsv")])
-    E.main(["--ckpt", str(out), "--classes", str(classes), "--n_probe", "8"])  # --classes alone is enough
-    results = json.loads((out.parent / "eval.json").read_text())
+    (tmp_path / "prompts.txt").write_text("itap a {}.\nno template here\na blurry photo of the {}.\n")
+    E.main(["--ckpt", str(out), "--classes", str(classes), "--n_probe", "8", "--prompts",
+            str(tmp_path / "prompts.txt")])
+    assert prompted[-1] == (["n0001", "n0002"], ["itap a {}.", "a blurry photo of the {}."])
+    results = json.loads((out.parent / "eval.json").read_text())  # --classes alone was enough
     assert "zeroshot_top1" in results and "i2t_r1" not in results and (out.parent / "masks.png").exists()
 
 
@@ -351,14 +363,21 @@ def test_train_init_from_starts_at_the_published_weights_and_targets(tmp_path):
     with pytest.raises(SystemExit):  # DALL-E's encoder cannot be trained from scratch here
         train.parse_args(["--image_tokenizer", "dalle"])
     train.main(["--init_from", str(folder), "--pairs", str(pairs_file(tmp_path)), "--out_dir", str(out), "--steps", "2",
-                "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32", "--log_every", "1",
+                "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
+                "--log_every", "1",
                 "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])
     ckpt = M.load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_cfg"]["image_tokenizer"] == "dalle" and ckpt["vocab"] == VOCAB and ckpt["step"] == 2
     assert_same_state(ckpt["model"], model.state_dict())  # lr 0: still exactly the published weights
     assert_same_state(ckpt["dvae"], codebook.state_dict(), atol=0)  # the published targets, no stage 1
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert not any(r.get("stage") == "dvae" for r in rows) and all(math.isfinite(r["mmm_image"]) for r in rows if "mmm_image" in r)
+    assert not any(r.get("stage") == "dvae" for r in rows)
+    assert all(math.isfinite(r["mmm_image"]) for r in rows if "mmm_image" in r)
+    train.main(["--init_from", str(out / "ckpt.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
+                "--out_dir", str(tmp_path / "again"),
+                "--steps", "1", "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
+                "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])  # from any checkpoint too
+    assert_same_state(M.load_checkpoint(tmp_path / "again" / "ckpt.pt")["model"], model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +432,8 @@ def test_every_output_matches_hugging_face(tmp_path, fmt):
         pairs = {"image embeddings": (image_out, o.image_embeddings), "text embeddings": (text_out, o.text_embeddings),
                  "contrastive logits": (ours.scale() * ours.image_embed(image_out) @ ours.text_embed(text_out).T,
                                         o.contrastive_logits_per_image),
-                 "[CLS_M]": (mm[:, 0], o.multimodal_masked_embeddings[:, 0]), "ITM": (ours.itm_head(mm[:, 0]), o.itm_logits),
+                 "[CLS_M]": (mm[:, 0], o.multimodal_masked_embeddings[:, 0]),
+                 "ITM": (ours.itm_head(mm[:, 0]), o.itm_logits),
                  "MMM-image": (ours.mmm_image_head(mm[:, 2: 2 + P]), o.mmm_image_logits),
                  "MMM-text": (ours.mmm_text_head(mm[:, -L:]), o.mmm_text_logits),
                  "MIM": (ours.mim_head(ours.encode_image(x, patch_masked=patch_masked)[1]), mim),
@@ -440,12 +460,14 @@ def test_dalle_encoder_gives_hugging_face_codebook_indices(tmp_path):
     cfg = M.config_from_hf(HF_CONFIG)
     hf.save_pretrained(tmp_path / "full")  # flava-full's layout: image_codebook.* beside the model
     ours = M.DalleEncoder.from_pretrained(tmp_path / "full", cfg)
-    standalone = transformers.FlavaImageCodebook(transformers.FlavaImageCodebookConfig(**HF_CONFIG["image_codebook_config"]))
+    config = transformers.FlavaImageCodebookConfig(**HF_CONFIG["image_codebook_config"])
+    standalone = transformers.FlavaImageCodebook(config)
     standalone.load_state_dict({k.removeprefix("image_codebook."): v for k, v in hf.state_dict().items()
                                 if k.startswith("image_codebook.")})
     standalone.save_pretrained(tmp_path / "codebook")  # facebook/flava-image-codebook's layout: no prefix
     alone = M.DalleEncoder.from_pretrained(tmp_path / "codebook", cfg)
-    x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = x.repeat_interleave(8, 2).repeat_interleave(8, 3)
     with torch.no_grad():  # 32 px = 8 px a patch of the 4 x 4 grid, each patch one random colour
         theirs = hf.image_codebook.get_codebook_indices(0.8 * x + 0.1).flatten(1)  # (B, P)
         assert (ours(0.8 * x + 0.1) - hf.image_codebook(0.8 * x + 0.1)).abs().max() <= 1e-5  # the logits too
@@ -453,14 +475,16 @@ def test_dalle_encoder_gives_hugging_face_codebook_indices(tmp_path):
     assert theirs.unique().numel() >= 5  # varied codes, so that equal codes mean something
 
 
-CORPUS = ["A photo of a dog, sitting on the grass.", "Don't stop--it's 5:30 p.m. (really)!", "e-mail a.b@c.com; $5.00 or 50%?",
-          "Café naïve Ångström résumé ÉCOLE", "Straße İstanbul ΟΔΟΣ Σίσυφος", "Привет, мир! Москва", "مرحبا بالعالم",
-          "नमस्ते दुनिया", "สวัสดีครับ", "日本語のテキストと漢字", "中文分词测试，很好。", "한국어 텍스트", "zero\u200bwidth joi\u200dner soft\u00adhyphen",
-          "tab\tnew\nline\rcr  nbsp\u00a0ideographic\u3000space", "bell\x07 del\x7f nul\x00 repl\ufffd", "combining e\u0301 n\u0303",
-          "ＦＵＬＬＷＩＤＴＨ ａｂｃ １２３", "x² H₂O ½ ﬁne", "5€ €5 £3 ¥ 9¢", "emoji 😀 hi😀 👍🏽 ❤️", "«quotes» „German“ ‘single’ …",
-          "¿Qué? ¡Sí! — en–dash", "a_b snake_case __init__", "math ≥ ≤ ± × ÷ ∑ √", "http://example.com/path?q=1&x=y#frag",
-          "word" * 30, "supercalifragilisticexpialidocious", "ǅ ǈ titlecase", "a\x0bb c\x0cd e\x1cf é\x0bt\x85é", "\u2028line sep\u2029para",
-          "\ue000private use", "Ⅻ roman ⅻ ⓐⓑⓒ", "  leading and trailing  ", "", "!!!", "ß ẞ İİ ﬀ"]
+CORPUS = [  # 36 texts: punctuation, nine scripts, emoji and symbols, control, format and space characters
+    "A photo of a dog, sitting on the grass.", "Don't stop--it's 5:30 p.m. (really)!", "e-mail a.b@c.com; $5 or 50%?",
+    "Café naïve Ångström résumé ÉCOLE", "Straße İstanbul ΟΔΟΣ Σίσυφος", "Привет, мир! Москва", "مرحبا بالعالم",
+    "नमस्ते दुनिया", "สวัสดีครับ", "日本語のテキストと漢字", "中文分词测试，很好。", "한국어 텍스트",
+    "zero\u200bwidth joi\u200dner soft\u00adhyphen", "tab\tnew\nline\rcr  nbsp\u00a0ideographic\u3000space",
+    "bell\x07 del\x7f nul\x00 repl\ufffd", "combining e\u0301 n\u0303", "ＦＵＬＬＷＩＤＴＨ ａｂｃ １２３", "x² H₂O ½ ﬁne",
+    "5€ €5 £3 ¥ 9¢", "emoji 😀 hi😀 👍🏽 ❤️", "«quotes» „German“ ‘single’ …", "¿Qué? ¡Sí! — en–dash",
+    "a_b snake_case __init__", "math ≥ ≤ ± × ÷ ∑ √", "http://example.com/path?q=1&x=y#frag", "word" * 30,
+    "supercalifragilisticexpialidocious", "ǅ ǈ titlecase", "a\x0bb c\x0cd e\x1cf é\x0bt\x85é",
+    "\u2028line sep\u2029para", "\ue000private use", "Ⅻ roman ⅻ ⓐⓑⓒ", "  leading and trailing  ", "", "!!!", "ß ẞ İİ ﬀ"]
 
 
 def test_the_tokenizer_gives_bert_uncased_ids(tmp_path):
