@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -731,9 +732,9 @@ def read_weights(folder, keep=lambda name: True) -> dict:
             state |= _read_safetensors(file, keep)
             continue
         try:  # a zip-format file is memory-mapped (only what is kept gets read); a legacy one loads whole
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            part = torch.load(file, map_location="cpu", weights_only=True)
+            part = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as e:  # truncated, not a torch file, or pickled code (which weights_only refuses)
+            raise ValueError(f"cannot read {file}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         state |= {k: v if keep(k) else None for k, v in part.items()}
     return state
 

@@ -177,6 +177,9 @@ def test_safetensors_by_hand_round_trips_every_dtype_and_shard(tmp_path):
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         M.read_weights(tmp_path)
+    (legacy / "pytorch_model.bin").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read .*pytorch_model.bin"):
+        M.read_weights(legacy)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         M.read_weights(tmp_path / "empty")
