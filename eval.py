@@ -229,6 +229,24 @@ def read_class_names(path, folders):
     return [table[folder] for folder in folders]
 
 
+def held_out_files(args, tokenizer, cfg, squash):
+    """--pairs as a data.FilePairs, --classes as a data.ImageFolder (None when not given), its classes named by
+    --class_names, and the templates of --prompts (one a line, {} for the class name; default PROMPTS). squash:
+    a published model's own resizing (Hugging Face's FLAVA: the whole image to a square)."""
+    pairs = data.FilePairs(args.pairs, cfg.image_size, tokenizer, cfg.text_len, train=False) if args.pairs else None
+    classes, prompts = data.ImageFolder(args.classes, cfg.image_size, train=False) if args.classes else None, PROMPTS
+    for files in (f for f in (pairs, classes) if f is not None):
+        files.squash = squash
+    if classes is not None and args.class_names:
+        classes.classes = read_class_names(args.class_names, classes.classes)
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [t.strip() for t in f if "{}" in t]
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
+    return pairs, classes, prompts
+
+
 def zero_shot(model, tokenizer, images, labels, held, names, templates, device, autocast, drops=()):
     """Top-1 of the prompt ensemble on the images of classes seen in training, and apart on those of held-out
     ones (held (n,) bool); then with each share of the patches in drops (%) dropped (FLIP's question)."""
@@ -336,19 +354,24 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
             for kind in QUESTION_TYPES.values():
                 results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
     # ---- the dVAE ------------------------------------------------------------------------------------
-    results["skipped_files"] = skipped
+    results.update(tokenizer_health(dvae, shown["images"][:256].to(device).float() / 255, model.cfg.codebook_size),
+                   skipped_files=skipped)
+    return results, shown
+
+
+def tokenizer_health(dvae, x, codebook_size):
+    """The image tokenizer on images x (n, 3, S, S) in [0, 1]: hard-code reconstruction error (when it has a
+    decoder: DALL-E's published encoder has none), codebook perplexity and share of codes used."""
     if dvae is None:
         print("no image tokenizer in this checkpoint: no codebook statistics")
-        return results, shown
-    x = shown["images"][:256].to(device).float() / 255  # (n, 3, S, S)
+        return {}
     codes = dvae.codebook_indices(x)  # (n, P)
-    stats = codebook_stats(codes, model.cfg.codebook_size)
+    stats, results = codebook_stats(codes, codebook_size), {}
     if hasattr(dvae, "decode_indices"):
         results["dvae_recon_mse"] = F.mse_loss(dvae.decode_indices(codes), x).item()
     else:
         print("the image tokenizer (DALL-E's encoder, as published) has no decoder: no reconstruction error")
-    results.update(dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"])
-    return results, shown
+    return {**results, "dvae_perplexity": stats["perplexity"], "dvae_codes_used": stats["used"]}
 
 # ---------------------------------------------------------------------------------------------
 # Pictures (PIL only)
@@ -458,10 +481,8 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
     parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
     parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
-    parser.add_argument("--class_names", default="", help="names of --classes' sub-folders (e.g. WordNet ids): "
-                        "'folder<TAB>name' lines or a JSON object")
-    parser.add_argument("--prompts", default="", help="zero-shot templates for --classes, one a line with {} for "
-                        "the class name (default: the 5 built in; CLIP's paper gives 80 for ImageNet)")
+    parser.add_argument("--class_names", default="", help="--classes' sub-folder names (e.g. WordNet ids): TSV or JSON")
+    parser.add_argument("--prompts", default="", help="zero-shot templates, one a line with {} (CLIP has 80 for ImageNet)")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
     parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
@@ -484,19 +505,7 @@ def main(argv=None):
         S, L = model.cfg.image_size, model.cfg.text_len
         synthetic = not train_cfg.get("pairs") and "converted_from" not in ckpt  # published weights: real data
         world = data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0)) if synthetic else None
-        pairs = data.FilePairs(args.pairs, S, tokenizer, L, train=False) if args.pairs else None
-        classes = data.ImageFolder(args.classes, S, train=False) if args.classes else None
-        for files in (pairs, classes):  # a published model's own resizing (Hugging Face squashes to a square)
-            if files is not None:
-                files.squash = ckpt.get("preprocess") == "squash"
-        if classes is not None and args.class_names:
-            classes.classes = read_class_names(args.class_names, classes.classes)
-        prompts = PROMPTS
-        if args.prompts:
-            with open(args.prompts, encoding="utf-8") as f:
-                prompts = [t.strip() for t in f if "{}" in t]
-            if not prompts:
-                raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
+        pairs, classes, prompts = held_out_files(args, tokenizer, model.cfg, ckpt.get("preprocess") == "squash")
         texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
         if texts is not None:
             labelled_texts(texts)

@@ -312,6 +312,19 @@ def loader_for(cfg, mixture, probs, rank, world_size, start_step, device):
     return iter(data.make_loader(mixture, sampler, num_workers=workers, pin_memory=device.type == "cuda"))
 
 
+def load_init(cfg: TrainConfig, model_overrides: dict):
+    """--init_from: a Hugging Face FLAVA folder (converted on the fly) or a nanoFLAVA checkpoint, and its model
+    config with the model flags given on the command line (the preset's are not used)."""
+    if os.path.isdir(cfg.init_from):
+        init = pretrained_checkpoint(cfg.init_from, **model_overrides)
+    else:
+        init = load_checkpoint(cfg.init_from)
+    if init["dvae"] is None:
+        raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
+                         "(python model.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
+    return init, replace(ModelConfig(**init["model_cfg"]), **model_overrides)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -375,14 +388,7 @@ def main(argv=None):
     # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
     resume = load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
-    init = None  # --init_from: published weights (or any checkpoint) define the model instead of the preset
-    if cfg.init_from:
-        init = pretrained_checkpoint(cfg.init_from, **model_overrides) if os.path.isdir(cfg.init_from) \
-            else load_checkpoint(cfg.init_from)
-        mcfg = replace(ModelConfig(**init["model_cfg"]), **model_overrides)
-        if init["dvae"] is None:
-            raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
-                             "(python model.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
+    init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
     if resume is not None:
         mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
     elif cfg.resume:
