@@ -32,8 +32,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SOURCES = ("pairs", "images", "texts")
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # in the order of Tokenizer.special_ids
 MAX_SKIPS = 50  # consecutive unreadable files before a dataset gives up
-# BERT's basic tokenizer: a run of letters/digits is a word; any other visible character is a token
-_WORD = re.compile(r"[^\W_]+|\S")
+# BERT's basic tokenizer (uncased), whose ids a BERT vocab.txt expects: control and format characters
+# (Unicode C*, e.g. U+200B) deleted, white space split, CJK ideographs one word each, lower case, accents
+# stripped, and every punctuation character (Unicode P*, and every ASCII symbol) a word of its own.
+_ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+_ASCII_CONTROLS = {c: None for c in (*range(32), 127) if chr(c) not in "\t\n\r"}  # str.translate deletes them
+_SPLIT_CONTROLS = dict.fromkeys(map(ord, "\x0b\x0c\x1c\x1d\x1e\x1f\x85"))  # deleted by BERT, split on by str.split
+_CJK = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2CEAF),
+        (0x2F800, 0x2FA1F))  # the code point ranges of BERT's _is_chinese_char
 
 
 def _strip_accents(word):
@@ -42,7 +48,31 @@ def _strip_accents(word):
 
 
 def _words(text):
-    return [w for w in map(_strip_accents, _WORD.findall(text.lower())) if w]
+    """The words of BERT's basic tokenizer, lazily (a 25,000-character line need not be split whole)."""
+    if text.isascii():  # the common case, at C speed: the same rules restricted to ASCII
+        yield from (m.group() for m in _ASCII_WORD.finditer(text.translate(_ASCII_CONTROLS).lower()))
+        return
+    for chunk in text.translate(_SPLIT_CONTROLS).split():  # str.split(): every Unicode space, as BERT's
+        yield from _chunk_words(chunk)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_words(chunk):
+    """BERT's rules within a run of non-space characters (cached: text repeats its words)."""
+    kept, words = [], []
+    for c in chunk:
+        if unicodedata.category(c)[0] != "C" and c != "\ufffd":  # control, format, private, unassigned: deleted
+            kept += (" ", c, " ") if any(lo <= ord(c) <= hi for lo, hi in _CJK) else (c,)
+    for token in "".join(kept).split():  # (BERT's NFC here changes nothing: _strip_accents' NFD undoes it)
+        word = ""
+        for c in _strip_accents(token.lower()):
+            if c.isascii() and not c.isalnum() or unicodedata.category(c)[0] == "P":
+                words += (word, c) if word else (c,)
+                word = ""
+            else:
+                word += c
+        words += (word,) if word else ()
+    return tuple(words)
 
 
 # -----------------------------------------------------------------------------
@@ -102,7 +132,7 @@ class Tokenizer:
     def _word_ids(self, raw):
         ids = self._cache.get(raw)
         if ids is None:
-            word, ids, start = _strip_accents(raw), [], 0
+            word, ids, start = raw, [], 0
             if len(word) > 100:  # BERT's limit; it also keeps the quadratic matching below cheap
                 word, ids = "", [self.unk_id]
             while start < len(word):  # greedy longest match first; continuations carry '##'
@@ -125,8 +155,8 @@ class Tokenizer:
         rows = []
         for text in [texts] if isinstance(texts, str) else texts:
             pieces = [self.cls_id]
-            for match in _WORD.finditer(text.lower()):  # lazy: a 25,000-character line stops early
-                pieces += self._word_ids(match.group())
+            for word in _words(text):  # lazy: a 25,000-character line stops early
+                pieces += self._word_ids(word)
                 if len(pieces) >= length - 1:
                     break
             rows.append(pieces[: length - 1] + [self.sep_id])  # truncation keeps [SEP]
@@ -359,21 +389,24 @@ def _crop_box(w, h, train, rng):
     return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
 
 
-def image_transform(img, size, train, rng=None):
-    """PIL image (any mode, any size) -> uint8 (3, size, size): a crop, then one bicubic resize."""
+def image_transform(img, size, train, rng=None, squash=False):
+    """PIL image (any mode, any size) -> uint8 (3, size, size): a crop, then one bicubic resize. squash (for
+    evaluation): the whole image, aspect lost, as Hugging Face's FlavaImageProcessor prepares FLAVA's input."""
     img = _to_rgb(img)
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=_crop_box(*img.size, train, rng or random))
+    box = (0, 0, *img.size) if squash and not train else _crop_box(*img.size, train, rng or random)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, size, size)
 
 
-def read_image(path, size, train, rng=None):
+def read_image(path, size, train, rng=None, squash=False):
     """Open, decode fully (so a truncated file fails here, inside the caller's try) and transform."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error, not a warning
         with Image.open(path) as img:
-            img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
+            if not squash:  # (squash copies Hugging Face's pixels, so decodes at full scale as it does)
+                img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
             img.load()
-            return image_transform(img, size, train, rng)
+            return image_transform(img, size, train, rng, squash)
 
 
 # -----------------------------------------------------------------------------
@@ -419,6 +452,8 @@ class SyntheticTexts(SyntheticPairs):
 class _SkipBadFiles:
     """load(i) reads file i; an unreadable file is skipped for i+1, i+2, ... (deterministically), and the
     sample lists every (path, reason) it skipped, so that the trainer can count them."""
+
+    squash = False  # evaluation resizes the whole image to a square (see image_transform), not its central crop
 
     def __len__(self):
         return len(self.files)
@@ -492,7 +527,8 @@ class FilePairs(_SkipBadFiles):
 
     def _read(self, i, rng=None):
         ids, attn = self.tokenizer.encode(self.captions[i], self.text_len)
-        return {"image": read_image(self.files[i], self.image_size, self.train, rng), "ids": ids[0], "attn": attn[0]}
+        image = read_image(self.files[i], self.image_size, self.train, rng, self.squash)
+        return {"image": image, "ids": ids[0], "attn": attn[0]}
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -517,7 +553,8 @@ class ImageFolder(_SkipBadFiles):
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
 
     def _read(self, i, rng=None):
-        return {"image": read_image(self.files[i], self.image_size, self.train, rng), "label": self.labels[i]}
+        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash),
+                "label": self.labels[i]}
 
 
 class TextFile:

@@ -12,6 +12,7 @@ pass, then tune briefly without dropping.
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped
+    python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
 Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt, eval.json.
 """
@@ -34,7 +35,8 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from losses import FLAVALoss, LossConfig, compile_step
-from model import DVAE, FLAVA, ModelConfig, flops_per_sample, load_checkpoint, load_state
+from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer_for, load_checkpoint, load_state,
+                   pretrained_checkpoint)
 
 NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
 
@@ -51,6 +53,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
     texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
+    init_from: str = ""  # start from a Hugging Face FLAVA folder or a ckpt.pt: its model, vocabulary, image tokenizer
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
     batch_size: int = 128  # global batch per step, split evenly over ranks
@@ -138,6 +141,9 @@ def parse_args(argv=None):
     try:  # every impossible combination fails here, before any work, naming the fields involved
         loss = LossConfig(**{f.name: values[f.name] for f in fields(LossConfig) if f.name in values})
         ModelConfig.from_preset(train.preset, **overrides)
+        if overrides.get("image_tokenizer") == "dalle" and not train.init_from:
+            raise ValueError("image_tokenizer=dalle is FLAVA's published codebook, which is loaded, not trained: "
+                             "give --init_from (a Hugging Face FLAVA folder or a checkpoint that has it)")
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
     except ValueError as e:
@@ -303,6 +309,19 @@ def loader_for(cfg, mixture, probs, rank, world_size, start_step, device):
     return iter(data.make_loader(mixture, sampler, num_workers=workers, pin_memory=device.type == "cuda"))
 
 
+def load_init(cfg: TrainConfig, model_overrides: dict):
+    """--init_from: a Hugging Face FLAVA folder (converted on the fly) or a nanoFLAVA checkpoint, and its model
+    config with the model flags given on the command line (the preset's are not used)."""
+    if os.path.isdir(cfg.init_from):
+        init = pretrained_checkpoint(cfg.init_from, **model_overrides)
+    else:
+        init = load_checkpoint(cfg.init_from)
+    if init["dvae"] is None:
+        raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
+                         "(python model.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
+    return init, replace(ModelConfig(**init["model_cfg"]), **model_overrides)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -354,12 +373,13 @@ def main(argv=None):
     # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
     resume = load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
+    init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
     if resume is not None:
         mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
     elif cfg.resume:
         print0(f"--resume: no {ckpt_path} yet, so training starts at step 0")
-    sources, world, tokenizer = build_data(cfg, mcfg, resume["vocab"] if resume else None)
-    if resume is None and "vocab_size" not in model_overrides:
+    sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
+    if resume is None and init is None and "vocab_size" not in model_overrides:
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -399,9 +419,10 @@ def main(argv=None):
     t_start = time.time()
 
     # ---- stage 1: the dVAE ------------------------------------------------------------------
-    if resume is not None:
-        dvae = DVAE(mcfg).to(device)
-        load_state(dvae, resume["dvae"], f"{ckpt_path} dVAE")
+    if resume is not None or init is not None:  # the checkpoint's own tokenizer: the dVAE or DALL-E's encoder
+        dvae = image_tokenizer_for(mcfg).to(device)
+        load_state(dvae, (resume or init)["dvae"],
+                   f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
     elif cfg.dvae_ckpt or os.path.exists(dvae_path) and cfg.resume:
         dvae = DVAE(mcfg).to(device)
         load_state(dvae, torch.load(cfg.dvae_ckpt or dvae_path, map_location=device, weights_only=True),
@@ -420,6 +441,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, last_saved = 0, None
     counters = {"skipped_samples": 0, "overflow_steps": 0}  # over the whole run, resumes included
+    if init is not None and resume is None:
+        load_state(model, init["model"], f"{cfg.init_from} model")
+        print0(f"initialised from {cfg.init_from}")
     if resume is not None:
         load_state(model, resume["model"], f"{ckpt_path} model")
         optimizer.load_state_dict(resume["optimizer"])
