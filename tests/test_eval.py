@@ -100,7 +100,8 @@ def test_masked_inference_keeps_the_right_number_of_patches():
         assert all(len(set(row.tolist())) == kept for row in keep_idx)  # distinct patches per image
     class_emb = E.class_embeddings(model, tokenizer(), names, ("a {}.",), "cpu", off)
     for key, (_, out) in zip(results, outputs):  # each accuracy is read from its own pass
-        assert results[key] == pytest.approx(((model.image_embed(out) @ class_emb.T).argmax(1) == labels).float().mean())
+        correct = (model.image_embed(out) @ class_emb.T).argmax(1) == labels
+        assert results[key] == pytest.approx(correct.float().mean().item())
     emb = E.image_features(model, images, "cpu", off)[1]  # the unmasked pass is the model's own embedding
     assert torch.allclose(emb, model.image_embeddings(images.float() / 255), atol=1e-6)
 

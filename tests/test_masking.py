@@ -111,7 +111,7 @@ def test_block_mask_aspect_limits(min_aspect):
     assert aspect.max() <= 1.1 / min_aspect and aspect.min() >= min_aspect / 1.1
     assert aspect.max() >= 0.8 / min_aspect and aspect.min() <= 1.25 * min_aspect
     assert abs(aspect.log().mean().item()) < 0.05
-    assert (aspect > 1).float().mean() == pytest.approx((aspect < 1).float().mean(), abs=0.05)
+    assert (aspect > 1).float().mean().item() == pytest.approx((aspect < 1).float().mean().item(), abs=0.05)
 
 
 def test_block_mask_deterministic_given_generator():
