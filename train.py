@@ -53,7 +53,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
-    seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
+    seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and sample)
     batch_size: int = 128  # global batch per step, split evenly over ranks
     steps: int = 700  # joint FLAVA steps (stage 3)
     lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
@@ -254,6 +254,12 @@ def set_rng_state(state):
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of every random choice of a step (losses.FLAVALoss.draw). The same on every rank: each
+    choice depends on a sample's row in the global batch, not on the rank that holds it."""
+    return (seed * 1_000_003 + step) * 4099
 
 
 def trim_log(path, step, keep_dvae):
@@ -485,7 +491,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                losses = step_fn(source, batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + rank)
+                losses = step_fn(source, batch, seed=step_seed(cfg.seed, step))
             scaler.scale(losses["total"]).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
