@@ -426,7 +426,7 @@ def main(argv=None):
     parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
     parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
-    parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
     parser.add_argument("--n_pairs", type=int, default=1000, help="retrieval and ITM pairs")
     parser.add_argument("--per_class", type=int, default=20, help="zero-shot images per synthetic class")
@@ -434,11 +434,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    t0, device = time.time(), torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
-    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
+    t0 = time.time()
+    from train import pick_device  # train.py imports this file: imported here, once both are loaded
     try:  # every input is opened, or refused with a message, before any compute
+        device = pick_device(args.device)
         ckpt = load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
@@ -454,6 +453,9 @@ def main(argv=None):
                              "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
+    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
+    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))

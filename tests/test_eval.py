@@ -130,7 +130,7 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
                 "bytes.pt": "refusing|cannot read", "missing.pt": "does not exist"}
     for name, message in expected.items():
         with pytest.raises(SystemExit, match=message):
-            E.main(["--ckpt", str(tmp_path / name), "--skip_figures"])
+            E.main(["--device", "cpu", "--ckpt", str(tmp_path / name), "--skip_figures"])
     assert not marker.exists()  # the pickled code never ran
 
 
@@ -156,7 +156,7 @@ def write_checkpoint(folder):
 
 def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path):
     ckpt = write_checkpoint(tmp_path)
-    E.main(["--ckpt", str(ckpt), "--n_pairs", "24", "--per_class", "2", "--n_probe", "40"])
+    E.main(["--device", "cpu", "--ckpt", str(ckpt), "--n_pairs", "24", "--per_class", "2", "--n_probe", "40"])
     results = json.loads((tmp_path / "eval.json").read_text())
     assert set(results) == KEYS
     assert results["retrieval_pairs"] == 24 and results["step"] == 7 and results["skipped_files"] == 0
@@ -185,8 +185,9 @@ def test_files_replace_the_synthetic_data(tmp_path):
              for _ in range(10)]  # label after label
     (tmp_path / "texts.tsv").write_text("\n".join(lines + ["no label here"]))
     out = tmp_path / "out"
-    E.main(["--ckpt", str(ckpt), "--out_dir", str(out), "--pairs", str(tmp_path / "pairs.jsonl"), "--classes",
-            str(tmp_path / "classes"), "--texts", str(tmp_path / "texts.tsv"), "--n_probe", "40", "--skip_figures"])
+    E.main(["--device", "cpu", "--ckpt", str(ckpt), "--out_dir", str(out), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--classes", str(tmp_path / "classes"), "--texts", str(tmp_path / "texts.tsv"), "--n_probe", "40",
+            "--skip_figures"])
     results = json.loads((out / "eval.json").read_text())
     assert results["retrieval_pairs"] == 14  # the broken image is dropped, not replaced by its neighbour
     assert results["skipped_files"] == 1 + 2 + 1  # broken.png; the escaping and malformed rows; bad.jpg
@@ -195,7 +196,7 @@ def test_files_replace_the_synthetic_data(tmp_path):
     assert {"probe_image_class", "probe_text_label", "zeroshot_top1", "zeroshot_drop75_top1"} <= set(results)
     assert "zeroshot_heldout_top1" not in results and not list(out.glob("*.png"))
     with pytest.raises(SystemExit, match="not found"):
-        E.main(["--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
+        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
     (tmp_path / "plain.txt").write_text("no tabs\nat all\n")
     with pytest.raises(SystemExit, match="label<TAB>text"):
-        E.main(["--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])
+        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import resource
 import signal
 import struct
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "32", "--heads", "2", "--image_layers", "1", "--text_layers", "1", "--mm_layers", "1",
         "--image_size", "32", "--patch_size", "8", "--dvae_layers", "3", "--dvae_hidden", "16",
         "--codebook_size", "32", "--batch_size", "8", "--dvae_steps", "4", "--eval", "false", "--dtype", "fp32",
-        "--workers", "0", "--log_every", "1"]
+        "--workers", "0", "--log_every", "1", "--device", "cpu"]  # the CPU, whatever the machine has
 TIMING = ("ms_per_step", "samples_per_s", "tflops")  # the only fields of a log row allowed to differ
 
 
@@ -66,6 +67,7 @@ def _run_and_die(out_dir, args, how, at):
     """In a forked child: train, and SIGKILL this process halfway through writing the checkpoint of step
     `at` (how="write") or in the middle of step `at`, after its batch was read (how="step")."""
     import losses
+    import train
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -87,7 +89,7 @@ def _run_and_die(out_dir, args, how, at):
         real_forward = losses.FLAVALoss.forward
 
         def forward(self, source, batch, seed):
-            if seed == (at - 1) * 4099:  # train.py's per-step seed of step `at` (seed 0, rank 0)
+            if seed == train.step_seed(0, at - 1):  # step `at` (1-based) of a run with --seed 0
                 die()
             return real_forward(self, source, batch, seed)
 
@@ -265,12 +267,13 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
 def poison(monkeypatch, steps, value):
     """Make one loss term of the given (1-based) steps non-finite, and the total with it."""
     import losses
+    import train
 
-    real_forward = losses.FLAVALoss.forward
+    real_forward, seeds = losses.FLAVALoss.forward, {train.step_seed(0, s - 1) for s in steps}
 
     def forward(self, source, batch, seed):
         out = real_forward(self, source, batch, seed)
-        if seed // 4099 + 1 in steps:
+        if seed in seeds:
             term = sorted(k for k in out if k != "total")[0]
             out[term] = out[term] * value
             out["total"] = out["total"] + out[term]
@@ -382,6 +385,25 @@ def test_bad_configuration_fails_before_any_work(args, names, tmp_path, monkeypa
     assert exit_.value.code == 2 and not (tmp_path / "out").exists()
     err = capsys.readouterr().err
     assert all(name in err for name in names), err
+
+
+def test_a_missing_gpu_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    """--device cuda without a GPU, and torchrun's second process on a machine with one GPU (it would ask for
+    cuda:1), stop at parsing with one line naming the device and the way out; cpu never asks CUDA anything."""
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, local_rank, device, expected in ((0, 0, "cuda", "device=cuda, but this torch .* sees no GPU"),
+                                               (1, 1, "auto", r"process 1 .* needs cuda:1, but 1 GPU\(s\) are visible")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--device", device, "--out_dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and re.search(expected, err[-1]) and "--device cpu" in err[-1], err
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 / 0)  # cpu must not even count the GPUs
+    assert train.pick_device("cpu", local_rank=3) == torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
