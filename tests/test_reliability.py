@@ -393,8 +393,9 @@ def test_a_missing_gpu_fails_before_any_work(tmp_path, monkeypatch, capsys):
     import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for gpus, local_rank, device, expected in ((0, 0, "cuda", "device=cuda, but this torch .* sees no GPU"),
-                                               (1, 1, "auto", r"process 1 .* needs cuda:1, but 1 GPU\(s\) are visible")):
+    cases = ((0, 0, "cuda", "device=cuda, but this torch .* sees no GPU"),
+             (1, 1, "auto", r"process 1 .* needs cuda:1, but 1 GPU\(s\) are visible"))
+    for gpus, local_rank, device, expected in cases:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
         with pytest.raises(SystemExit) as exit_:
@@ -431,7 +432,7 @@ def finish(proc, timeout):
 
 def install_probes(set_attr, out_dir, rank):
     """Record (source, local batch size) of every FLAVA step, and save the gradients that the first FLAVA
-    step clips (after DDP's averaging) to out_dir/grads_rank{rank}.pt."""
+    step of each source clips (after DDP's averaging) to out_dir/grads_{source}_rank{rank}.pt."""
     import losses
 
     record, real_forward, real_clip = [], losses.FLAVALoss.forward, torch.nn.utils.clip_grad_norm_
@@ -441,7 +442,7 @@ def install_probes(set_attr, out_dir, rank):
         return real_forward(self, source, batch, seed)
 
     def clip(params, *a, **k):
-        params, path = list(params), Path(out_dir) / f"grads_rank{rank}.pt"
+        params, path = list(params), Path(out_dir) / f"grads_{record[-1][0]}_rank{rank}.pt"
         if not path.exists():
             torch.save([p.grad for p in params], path)
         return real_clip(params, *a, **k)
@@ -452,19 +453,34 @@ def install_probes(set_attr, out_dir, rank):
 
 
 def test_torchrun_two_ranks_match_one_process_with_the_whole_batch(tmp_path, monkeypatch):
-    """torchrun, 2 CPU ranks, a 13-pair manifest (no global batch of 8 divides it) and a text file: the run
-    ends; every rank draws the same source each step and always a full local batch (the short shard is
-    padded by wrapping into the next epoch, never dropped); and the first step's DDP-averaged gradients
-    equal those of one process with the whole batch. Only the contrastive loss is on (its global batch is
-    the same whatever the world size), with FLIP's keep ratio 1 and no ITM swaps."""
+    """torchrun, 2 CPU ranks, a 13-pair manifest (no global batch of 8 divides it), an image folder and a
+    text file: the run ends; every rank draws the same source each step and always a full local batch (the
+    short shard is padded by wrapping into the next epoch, never dropped); and the DDP-averaged gradients of
+    the first paired step (GC + ITM + MMM-image + MMM-text), image-only step (MIM) and text-only step (MLM)
+    equal those of one process with the whole batch. Every loss is on, with FLIP's keep ratio 0.5, ITM
+    negatives and the masked pass on 3 of the 8 rows (2 on rank 0, 1 on rank 1). lr 0 keeps the weights of
+    the later steps equal (Adam would turn a rounding difference in a near-zero gradient into a step of size
+    lr), and both runs share one dVAE (stage 1 draws its Gumbel noise per rank)."""
+    from model import DVAE, ModelConfig
+
     for i in range(13):
         Image.new("RGB", (20 + i, 24), (20 * i, 255 - 15 * i, 90)).save(tmp_path / f"{i}.png")
+        folder = tmp_path / "classes" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 20 + i), (90, 20 * i, 255 - 15 * i)).save(folder / f"{i}.png")
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"colour {i} x{i % 3}"})
                                                   + "\n" for i in range(13)))
-    (tmp_path / "texts.txt").write_text("".join(f"text line {i}\n" for i in range(5)))
-    args = [*TINY, "--pairs", tmp_path / "pairs.jsonl", "--texts", tmp_path / "texts.txt", "--steps", 8,
-            "--dvae_steps", 2, "--keep_ratio", 1.0, "--itm_neg_prob", 0, "--init_std", 0.2, "--itm_weight", 0,
-            "--mmm_image_weight", 0, "--mmm_text_weight", 0, "--mim_weight", 0, "--mlm_weight", 0]
+    (tmp_path / "texts.txt").write_text("".join(f"text line {i} of {5 - i}\n" for i in range(5)))
+    torch.manual_seed(0)
+    dvae = DVAE(ModelConfig.from_preset("tiny", image_size=32, patch_size=8, dvae_layers=3, dvae_hidden=16,
+                                        codebook_size=32))
+    with torch.no_grad():  # codes that vary from patch to patch (see test_model._dvae)
+        dvae.encoder[-1].bias.zero_()
+    torch.save(dvae.state_dict(), tmp_path / "dvae.pt")
+    args = [*TINY, "--pairs", tmp_path / "pairs.jsonl", "--images", tmp_path / "classes", "--texts",
+            tmp_path / "texts.txt", "--steps", 8, "--p_pairs", 0.34, "--p_images", 0.33, "--p_texts", 0.33,
+            "--dvae_ckpt", tmp_path / "dvae.pt", "--lr", 0, "--keep_ratio", 0.5, "--itm_neg_prob", 0.5,
+            "--masked_fraction", 0.375, "--init_std", 0.2]
     proc = torchrun([Path(__file__), *args, "--out_dir", tmp_path / "two"])
     try:  # meanwhile, the same run in this one process
         (tmp_path / "one").mkdir()
@@ -476,17 +492,18 @@ def test_torchrun_two_ranks_match_one_process_with_the_whole_batch(tmp_path, mon
 
     ranks = [json.loads((tmp_path / "two" / f"sources_rank{r}.json").read_text()) for r in range(2)]
     assert [s for s, _ in ranks[0]] == [s for s, _ in ranks[1]] == [s for s, _ in record]  # same source
-    assert {"pairs", "texts"} == {s for s, _ in record} and record[0][0] == "pairs"
+    assert {"pairs", "images", "texts"} == {s for s, _ in record}
     assert all(n == 4 for r in ranks for _, n in r) and all(n == 8 for _, n in record)
-    one = torch.load(tmp_path / "one" / "grads_rank0.pt")
-    for r in range(2):
-        two = torch.load(tmp_path / "two" / f"grads_rank{r}.pt")
-        assert len(one) == len(two) and sum(g is not None and g.abs().sum() > 0 for g in one) > 10
-        for a, b in zip(one, two):
-            if a is None or not a.abs().sum():
-                assert b is None or not b.abs().sum()
-            else:
-                assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5  # measured ~1e-6: fp32 rounding
+    for source in ("pairs", "images", "texts"):
+        one = torch.load(tmp_path / "one" / f"grads_{source}_rank0.pt")
+        for r in range(2):
+            two = torch.load(tmp_path / "two" / f"grads_{source}_rank{r}.pt")
+            assert len(one) == len(two) and sum(g is not None and g.abs().sum() > 0 for g in one) > 10
+            for a, b in zip(one, two):
+                if a is None or not a.abs().sum():
+                    assert b is None or not b.abs().sum()
+                else:
+                    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, source  # fp32 rounding: ~1e-6
     assert ckpt(tmp_path / "two")["step"] == 8
 
 
