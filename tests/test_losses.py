@@ -395,15 +395,19 @@ def test_the_model_overfits_one_small_batch():
     assert all(math.isfinite(h["total"]) for h in history)
 
 
-def test_masked_fraction_runs_the_masked_pass_on_the_first_rows_only():
-    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole
-    batch, the multimodal encoder only the first round(fraction * B) rows."""
+def test_masked_fraction_runs_the_masked_pass_on_rows_spread_over_the_batch(monkeypatch):
+    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole batch,
+    the masked pass round(fraction * B) rows spread evenly over it (every 4th at 0.25), so that with W ranks
+    each holds its share of them, as their global row index, not their rank, decides."""
     cfg = ModelConfig.from_preset("tiny", width=32, heads=2, image_layers=1, text_layers=1, image_size=32,
                                   dvae_layers=3, codebook_size=32, vocab_size=50)
-    loss_fn = make_loss(cfg, masked_fraction=0.25)
-    seen = {}
-    real = loss_fn.model.encode_multimodal
-    loss_fn.model.encode_multimodal = lambda i, t, a: seen.setdefault("rows", i.size(0)) and real(i, t, a)
-    out = loss_fn("pairs", make_batch(cfg, 16), seed=0)
-    assert seen["rows"] == 4 and set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"}
-    assert all(torch.isfinite(v) for v in out.values())
+    loss_fn = make_loss(cfg, masked_fraction=0.25, itm_neg_prob=0.0)
+    batch = make_batch(cfg, 16)
+    _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed=0)
+    (masked_call,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is not None]
+    assert torch.equal(masked_call[0][0], batch["image"][[0, 4, 8, 12]].float() / 255)
+    assert torch.equal(spies["text_mask"].calls[-1][0][0], batch["ids"][[0, 4, 8, 12]])
+    assert spies["encode_multimodal"].calls[-1][2].size(0) == 4
+    with torch.no_grad():
+        out = loss_fn("pairs", batch, seed=0)
+    assert set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"} and all(torch.isfinite(v) for v in out.values())
