@@ -25,6 +25,10 @@ SMALL = dict(image_size=32, patch_size=8, dvae_layers=3, width=32, heads=2, imag
              dvae_code_dim=8)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs the CUDA paths; skipped where torch sees no GPU (test_gpu.py)")
+
+
 @pytest.fixture
 def tiny_cfg():
     """The `tiny` preset shrunk to SMALL (width 32, 2 + 2 + 1 layers, 32 px, 4 x 4 grid)."""
