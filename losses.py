@@ -141,7 +141,7 @@ def codebook_stats(codes, codebook_size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# The FLAVA step (design.md §3): one kind of batch per step, named losses out
+# The FLAVA step (FLAVA §3.2-3.3): one kind of batch per step, named losses out
 # ---------------------------------------------------------------------------------------------
 
 

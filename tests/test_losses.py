@@ -103,7 +103,8 @@ def test_contrastive_loss_clamps_logit_scale():
 
 
 def test_contrastive_loss_runs_in_fp32_under_bf16_autocast():
-    """Under bf16 autocast the logits and softmax stay fp32 (design.md §4): same value as without autocast."""
+    """Under bf16 autocast the logits and softmax stay fp32 (bf16 spaces numbers near 100 by 0.5: logits at
+    scale 100 would lose their differences): same value as without autocast."""
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(16, 32), dim=-1), F.normalize(torch.randn(16, 32), dim=-1)
     ls = torch.tensor(LOGIT_SCALE_MAX)
