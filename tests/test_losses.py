@@ -412,3 +412,21 @@ def test_masked_fraction_runs_the_masked_pass_on_rows_spread_over_the_batch(monk
     with torch.no_grad():
         out = loss_fn("pairs", batch, seed=0)
     assert set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"} and all(torch.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize("source, reached", [
+    ("pairs", ("image_encoder.", "text_encoder.", "mm_encoder.", "itm_head.", "mmm_image_head.", "mmm_text_head.",
+               "image_projection.", "text_projection.", "logit_scale")),
+    ("images", ("image_encoder.", "mim_head.")),
+    ("texts", ("text_encoder.", "mlm_head.")),
+])
+def test_which_parameters_each_kind_of_batch_trains(tiny_cfg, source, reached):
+    """Every parameter a kind of batch should train gets a non-zero gradient, every other one none: the set
+    DDP finds unused each step, and where an accidental detach (or a loss left out of `total`) would show.
+    Pairs reach both encoders, the fusion, ITM, both MMM heads, the projections and logit_scale but not the
+    MIM / MLM heads; images the image encoder and the MIM head; texts the text encoder and the MLM head."""
+    loss_fn = make_loss(tiny_cfg, keep_ratio=0.5, itm_neg_prob=0.5)
+    loss_fn(source, make_batch(tiny_cfg, 8, seed=5), seed=2)["total"].backward()
+    got = {n for n, p in loss_fn.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {n for n, _ in loss_fn.model.named_parameters() if n.startswith(reached)}
+    assert got == expected, (sorted(expected - got), sorted(got - expected))

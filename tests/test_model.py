@@ -342,6 +342,29 @@ def test_encoders_return_pre_and_post_final_layernorm(tiny_cfg):
                                    F.normalize(model.text_projection(to[:, 0]), dim=-1))
 
 
+def test_mean_pooling_averages_the_patch_tokens_without_cls(tiny_cfg):
+    """image_pool="mean" (FLIP): the image embedding is the projection of the mean of the final-LN patch tokens,
+    [CLS_I] left out, over the kept patches only when FLIP drops some; "cls" reads [CLS_I] alone."""
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(dataclasses.replace(tiny_cfg, image_pool="mean"))).eval()
+    B, P = 3, tiny_cfg.num_patches
+    images = rand_images(B, tiny_cfg.image_size)
+    keep_idx = masking.random_keep(B, P, 0.25, generator=torch.Generator().manual_seed(2))  # (B, 4)
+    with torch.no_grad():
+        for keep in (None, keep_idx):
+            out = model.encode_image(images, keep_idx=keep)[1]  # (B, 1 + K, D)
+            assert out.size(1) == 1 + (P if keep is None else 4)
+            expected = F.normalize(model.image_projection(out[:, 1:].mean(dim=1)), dim=-1)  # (B, E)
+            torch.testing.assert_close(model.image_embed(out), expected)
+            other_cls = torch.cat([torch.randn_like(out[:, :1]), out[:, 1:]], dim=1)  # [CLS_I] plays no part
+            torch.testing.assert_close(model.image_embed(other_cls), expected)
+        torch.testing.assert_close(model.image_embeddings(images), model.image_embed(model.encode_image(images)[1]))
+        model.cfg = dataclasses.replace(model.cfg, image_pool="cls")
+        cls_emb = model.image_embed(out)
+        torch.testing.assert_close(cls_emb, F.normalize(model.image_projection(out[:, 0]), dim=-1))
+        assert not torch.allclose(cls_emb, expected, atol=1e-3)
+
+
 def test_multimodal_index_map(tiny_cfg):
     """Output index map of the fusion: 0 = CLS_M, 1 .. N = image tokens (CLS_I first), last L = text."""
     torch.manual_seed(0)
