@@ -114,10 +114,8 @@ def masked_prediction(head, states, labels, k: int, divisor=None):
     return masked_ce(head(picked), labels.gather(1, idx), divisor)  # padding picks carry label -100
 
 
-def itm_loss(logits, labels, divisor=None):
-    """(B, 2) logits vs (B,) labels, 1 = matched, 0 = swapped: the mean, or the sum / divisor."""
-    if divisor is None:
-        return F.cross_entropy(logits, labels)
+def itm_loss(logits, labels, divisor):
+    """(B, 2) logits vs (B,) labels, 1 = matched, 0 = swapped: summed cross-entropy / divisor (B: the mean)."""
     return F.cross_entropy(logits, labels, reduction="sum") / divisor
 
 
@@ -215,12 +213,10 @@ class FLAVALoss(nn.Module):
 
     @torch.compiler.disable
     def draw(self, source: str, batch: dict, seed: int, first_row: int | None = None) -> dict:
-        """Every random choice of the step, as tensors (kept patches, ITM swaps, image and text masks),
-        and the loss divisors (_divisors). A sample's choices depend on the seed (the same on every rank)
-        and on its row in the *global* batch, never on how that batch is split: the W ranks' B rows are
-        rows first_row .. first_row + B - 1 (default rank * B) of W * B, and each choice is drawn for the
-        whole global batch and sliced, or per row (BEiT's masks, from Python). So W ranks draw exactly
-        what one process with the whole batch draws."""
+        """Every random choice of the step as tensors (kept patches, ITM swaps, image and text masks), and
+        the loss divisors. A row's choices depend on the seed (the same on every rank) and on its place in
+        the global batch of W * B rows (this rank's start at first_row, default rank * B): each is drawn for
+        the global batch and sliced, or per row, so W ranks draw what one process with all rows draws."""
         x = batch["image" if source == "images" else "ids"]
         B, device = x.size(0), x.device
         world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
@@ -268,10 +264,9 @@ class FLAVALoss(nn.Module):
 
     @staticmethod
     def _divisors(world, **counts):
-        """What each masked-prediction loss divides its sum by: the labelled positions of the whole global
-        batch (an all_reduce of the counts, no gradient), / W. Each rank's loss, its sum x W / global count,
-        then averages over DDP's W ranks into the mean over the global batch, as one process would compute
-        it; a mean per rank would weigh a rank's positions by how few it happened to draw. One process: the mean."""
+        """A masked-prediction loss divides its sum by the labelled positions of the global batch (counts
+        all_reduced, no gradient) / W: DDP's average of the W ranks' sum x W / count is then the global mean,
+        where rank-local means would weigh positions by how few their rank drew. One process: the mean."""
         total = torch.stack(list(counts.values()))  # (k,) long
         if world > 1:
             dist.all_reduce(total)
@@ -295,8 +290,7 @@ class FLAVALoss(nn.Module):
     # -- paired batch: GC + ITM + MMM (FLAVA §3.2) --------------------------------------------
 
     def draw_pairs(self, ids, attn, seed, gen, first, world):
-        """The paired step's random choices, for the W * B rows of the global batch in one fixed order (so a
-        seed gives the same step), then this rank's B rows, starting at global row `first`."""
+        """The paired step's random choices, in one fixed order (so a seed gives the same step)."""
         c, B, P, device = self.cfg, ids.size(0), self.model.cfg.num_patches, ids.device
         total = world * B
         # FLIP: the patches the contrastive pass keeps (none dropped at keep_ratio 1: FLAVA).

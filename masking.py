@@ -70,18 +70,15 @@ def block_mask(batch: int, grid: int, num_masked: int, min_block: int | None = N
     (default scaled from BEiT's 16 on 14 x 14). Returns (B, P) bool on the CPU, row-major like the
     patches, True = masked. Per-image loops run in Python on a `random.Random` seeded from the
     generator: a few blocks per image, well under a millisecond each. With `seeds` (one int per
-    image) image i's mask is a function of seeds[i] alone: a shard of a batch then draws exactly
-    what the whole batch draws for its images."""
+    image) mask i depends on seeds[i] alone: a shard of a batch draws what the batch draws for it."""
     P = grid * grid
     if not 0 <= num_masked < P:
         raise ValueError(f"block_mask: num_masked={num_masked} must be in [0, {P}) for a {grid}x{grid} grid")
     min_block = default_min_block(P) if min_block is None else min_block
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    if seeds is None:  # one stream through the whole batch
-        rngs = [random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))] * batch
-    else:
-        assert len(seeds) == batch, f"{len(seeds)} seeds for {batch} images"
-        rngs = [random.Random(s) for s in seeds]
+    rngs = [random.Random(s) for s in seeds] if seeds is not None else \
+        [random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))] * batch  # one stream for all
+    assert len(rngs) == batch, f"{len(rngs)} seeds for {batch} images"
     masks = [_one_block_mask(rng, grid, num_masked, min_block, log_aspect) for rng in rngs]
     return torch.from_numpy(np.array(masks, dtype=bool).reshape(batch, P))  # (B, P) bool, B may be 0
 
@@ -102,8 +99,7 @@ def text_mask(ids: torch.Tensor, *, mask_id: int, special_ids, vocab_size: int, 
     10% a random non-special token, 10% stay. Returns (masked_ids, labels), labels = the original
     id at chosen positions and IGNORE_INDEX elsewhere. Works on any device; `generator` must live
     on the same device as `ids`. rows = (first, total): ids are rows first .. first + B - 1 of a
-    batch of `total` rows; the noise is drawn for all of them and these rows' part used, so a row
-    is masked alike whichever shard of the batch it is in."""
+    batch of `total`; noise is drawn for all and sliced, so a row is masked alike in any shard."""
     B, L = ids.shape
     dev = ids.device
     first, total = rows or (0, B)
