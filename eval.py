@@ -434,10 +434,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    t0 = time.time()
     from train import pick_device  # train.py imports this file: imported here, once both are loaded
+    try:
+        t0, device = time.time(), pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
+    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
+    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
     try:  # every input is opened, or refused with a message, before any compute
-        device = pick_device(args.device)
         ckpt = load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
@@ -453,9 +458,6 @@ def main(argv=None):
                              "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: {e}") from None
-    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
-    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
