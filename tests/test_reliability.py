@@ -529,9 +529,8 @@ def test_a_dying_rank_stops_the_whole_run(tmp_path):
             workers[next(int(e[5:]) for e in env if e.startswith(b"RANK="))] = int(stat.parent.name)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGKILL)
-    t0 = time.monotonic()
-    rc, output = finish(proc, 60)
-    assert rc != 0 and time.monotonic() - t0 < 60
+    rc, output = finish(proc, 60)  # a hang (rank 0 blocked in a collective) fails there
+    assert rc != 0
     assert "ChildFailedError" in output and "rank      : 1" in output and "SIGKILL" in output, output[-3000:]
     assert not Path(f"/proc/{workers[0]}").exists()  # rank 0 is gone too
 
