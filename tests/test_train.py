@@ -55,3 +55,19 @@ def test_step_seed_is_the_same_on_every_rank_and_new_each_step():
     assert len(seeds) == 3000
     assert train.step_seed(0, 0) == 0 and train.step_seed(1, 5) == train.step_seed(1, 5)
 
+
+
+def test_a_cpu_run_never_touches_cuda_state(monkeypatch):
+    """A CPU run on a machine with a GPU saves and restores no CUDA generator: reading it would initialise
+    CUDA, which a forked process (the resume tests) cannot do."""
+    import torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CUDA touched by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", forbidden)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", forbidden)
+    state = train.rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    train.set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
