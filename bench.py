@@ -291,7 +291,7 @@ def parse_args(argv):
             ("preset", "small", "model preset: tiny | small | base"),
             ("batch", "32", "samples per step, or 'max' (CUDA: doubled until the joint step runs out of memory)"),
             ("dtype", "auto", "auto | fp16 | bf16 | fp32 (auto: as train.py)"),
-            ("device", "cuda" if torch.cuda.is_available() else "cpu", "cpu | cuda"),
+            ("device", "auto", "auto | cpu | cuda (auto: cuda when available)"),
             ("threads", torch.get_num_threads(), "CPU threads (1 on a machine shared with other jobs)"),
             ("steps", 10, "timed steps per case"), ("warmup", 3, "untimed steps per case before them"),
             ("cases", "contrastive,pairs,images,texts", "which steps to time"),
@@ -316,7 +316,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.ablate:
         return ablate(args)
-    device, cases, sets = torch.device(args.device), args.cases.split(","), dict(kv.split("=", 1) for kv in args.set)
+    try:
+        device = train.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    cases, sets = args.cases.split(","), dict(kv.split("=", 1) for kv in args.set)
     kinds = {k: type(getattr(M.ModelConfig, k)) for k in sets}
     cfg = M.ModelConfig.from_preset(args.preset, **{k: v == "true" if kinds[k] is bool else kinds[k](v)
                                                     for k, v in sets.items()})
@@ -329,7 +333,7 @@ def main(argv=None):
             jobs += [("peer", c, 1.0) for c in ("pairs", "images", "texts") if c in cases]
         except ImportError:
             print("note: transformers is not installed; the Hugging Face comparison is skipped")
-    spec = {"cfg": asdict(cfg), "device": args.device, "dtype": args.dtype, "threads": args.threads,
+    spec = {"cfg": asdict(cfg), "device": str(device), "dtype": args.dtype, "threads": args.threads,
             "masked_fraction": args.masked_fraction}
     B = None if args.batch == "max" else int(args.batch)
     if B is None:  # double until the joint step no longer fits, each try in a fresh process

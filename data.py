@@ -582,7 +582,7 @@ class TextFile:
 
 
 # -----------------------------------------------------------------------------
-# Mixing sources: one source per step, the same on every rank (design.md §3)
+# Mixing sources: one source per step, the same on every rank (FLAVA §3.3: each update one whole batch of one source)
 
 
 class Mixture(torch.utils.data.Dataset):

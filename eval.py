@@ -568,7 +568,7 @@ def main(argv=None):
     parser.add_argument("--class_names", default="", help="--classes' sub-folder names (e.g. WordNet ids): TSV or JSON")
     parser.add_argument("--prompts", default="", help="zero-shot templates, one a line with {} (CLIP has 80 for ImageNet)")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
-    parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
     parser.add_argument("--n_pairs", type=int, default=1000, help="retrieval and ITM pairs")
     parser.add_argument("--per_class", type=int, default=20, help="zero-shot images per synthetic class")
@@ -578,7 +578,11 @@ def main(argv=None):
     if bool(args.ckpt) == bool(args.hf):
         parser.error("give one of --ckpt and --hf")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    t0, device = time.time(), torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from train import pick_device  # train.py imports this file: imported here, once both are loaded
+    try:
+        t0, device = time.time(), pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
     low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)

@@ -92,14 +92,15 @@ def contrastive_loss(image_emb, text_emb, logit_scale, backprop: str = "global")
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_ce(logits, labels):
+def masked_ce(logits, labels, divisor=None):
     """Mean cross-entropy over the positions whose label is not -100; exactly 0 when there are
-    none (F.cross_entropy's mean would divide 0 by 0 and give NaN, TorchMultimodal's pitfall)."""
+    none (F.cross_entropy's mean would divide 0 by 0 and give NaN, TorchMultimodal's pitfall).
+    `divisor` replaces the local count of labelled positions (FLAVALoss: see _divisors)."""
     total = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / labels.ne(IGNORE_INDEX).sum().clamp(min=1)
+    return total / (labels.ne(IGNORE_INDEX).sum().clamp(min=1) if divisor is None else divisor)
 
 
-def masked_prediction(head, states, labels, k: int):
+def masked_prediction(head, states, labels, k: int, divisor=None):
     """Apply `head` only where there is something to predict. states (B, T, D), labels (B, T)
     with -100 where nothing is hidden, k >= the most labelled positions a row can have. Each
     row's labelled positions are moved first (stable sort) and the first k are taken: a static
@@ -108,11 +109,12 @@ def masked_prediction(head, states, labels, k: int):
     labelled = labels.ne(IGNORE_INDEX).to(torch.uint8)  # (B, T)
     idx = labelled.argsort(dim=1, descending=True, stable=True)[:, :k]  # (B, k)
     picked = states.gather(1, idx[..., None].expand(-1, -1, states.size(-1)))  # (B, k, D)
-    return masked_ce(head(picked), labels.gather(1, idx))  # padding picks carry label -100
+    return masked_ce(head(picked), labels.gather(1, idx), divisor)  # padding picks carry label -100
 
 
-def itm_loss(logits, labels):
-    return F.cross_entropy(logits, labels)  # (B, 2) vs (B,) with 1 = matched, 0 = swapped
+def itm_loss(logits, labels, divisor):
+    """(B, 2) logits vs (B,) labels, 1 = matched, 0 = swapped: summed cross-entropy / divisor (B: the mean)."""
+    return F.cross_entropy(logits, labels, reduction="sum") / divisor
 
 
 @torch.no_grad()
@@ -126,7 +128,7 @@ def codebook_stats(codes, codebook_size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# The FLAVA step (design.md §3): one kind of batch per step, named losses out
+# The FLAVA step (FLAVA §3.2-3.3): one kind of batch per step, named losses out
 # ---------------------------------------------------------------------------------------------
 
 
@@ -195,31 +197,40 @@ class FLAVALoss(nn.Module):
         self.min_block = cfg.min_block or masking.default_min_block(mcfg.num_patches)
         self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bound per row
 
-    def forward(self, source: str, batch: dict, seed: int):
+    def forward(self, source: str, batch: dict, seed: int, first_row: int | None = None):
         """The named losses and their weighted `total` for one batch of one source."""
-        return self.step(source, batch, self.draw(source, batch, seed))
+        return self.step(source, batch, self.draw(source, batch, seed, first_row))
 
     @torch.compiler.disable
-    def draw(self, source: str, batch: dict, seed: int) -> dict:
-        """Every random choice of the step, as tensors: kept patches, ITM swaps, image and text masks."""
-        ids, device = batch.get("ids"), batch["image" if source == "images" else "ids"].device
-        gen_cpu = torch.Generator().manual_seed(seed)  # block masks are drawn on the CPU
-        gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+    def draw(self, source: str, batch: dict, seed: int, first_row: int | None = None) -> dict:
+        """Every random choice of the step as tensors (kept patches, ITM swaps, image and text masks), and
+        the loss divisors. A row's choices depend on the seed (the same on every rank) and on its place in
+        the global batch of W * B rows (this rank's start at first_row, default rank * B): each is drawn for
+        the global batch and sliced, or per row, so W ranks draw what one process with all rows draws."""
+        x = batch["image" if source == "images" else "ids"]
+        B, device = x.size(0), x.device
+        world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+        first = rank * B if first_row is None else first_row
+        gen = torch.Generator(device).manual_seed(seed)
         if source == "pairs":
-            return self.draw_pairs(ids, batch["attn"], gen, gen_cpu)
+            return self.draw_pairs(batch["ids"], batch["attn"], seed, gen, first, world)
         if source == "images":
-            return {"patch_masked": self._block_mask(batch["image"].size(0), gen_cpu, device)}  # (B, P)
+            patch_masked = self._block_mask(seed, range(first, first + B), device)  # (B, P)
+            return {"patch_masked": patch_masked, "divisors": self._divisors(world, mim=patch_masked.sum())}
         if source == "texts":
-            return dict(zip(("masked_ids", "labels"), self._text_mask(ids, gen)))  # (B, L) each
+            masked_ids, labels = self._text_mask(x, gen, (first, world * B))  # (B, L) each
+            return {"masked_ids": masked_ids, "labels": labels,
+                    "divisors": self._divisors(world, mlm=labels.ne(IGNORE_INDEX).sum())}
         raise ValueError(f"unknown source {source!r}; expected pairs, images or texts")
 
     def step(self, source: str, batch: dict, draws: dict) -> dict:
+        div = draws["divisors"]
         if source == "pairs":
             losses = self.pairs(batch["image"], batch["ids"], batch["attn"], draws)
         elif source == "images":
-            losses = self.images(batch["image"], draws["patch_masked"])
+            losses = self.images(batch["image"], draws["patch_masked"], div["mim"])
         else:
-            losses = self.texts(draws["masked_ids"], batch["attn"], draws["labels"])
+            losses = self.texts(draws["masked_ids"], batch["attn"], draws["labels"], div["mlm"])
         c = self.cfg
         weights = {"gc": c.gc_weight, "itm": c.itm_weight, "mmm_image": c.mmm_image_weight,
                    "mmm_text": c.mmm_text_weight, "mim": c.mim_weight, "mlm": c.mlm_weight}
@@ -228,73 +239,86 @@ class FLAVALoss(nn.Module):
 
     # -- helpers shared by the three kinds of batch ------------------------------------------
 
-    def _block_mask(self, B, gen_cpu, device):
-        m = masking.block_mask(B, self.model.cfg.grid, self.n_masked, self.min_block, generator=gen_cpu)
+    def _block_mask(self, seed, global_rows, device):
+        """BEiT masks of the images at these rows of the global batch, each from its own seed: a rank only
+        pays for its own images, and an image's mask does not depend on which rank holds it."""
+        seeds = [seed * 2**32 + g for g in global_rows]
+        m = masking.block_mask(len(seeds), self.model.cfg.grid, self.n_masked, self.min_block, seeds=seeds)
         if device.type == "cuda":
             m = m.pin_memory()  # a pinned source lets the copy run without stalling the host
         return m.to(device, non_blocking=True)  # (B, P) bool
 
-    def _text_mask(self, ids, gen):
-        return masking.text_mask(ids, mask_id=self.mask_id, special_ids=self.special_ids,
+    def _text_mask(self, ids, gen, rows):
+        return masking.text_mask(ids, mask_id=self.mask_id, special_ids=self.special_ids, rows=rows,
                                  vocab_size=self.model.cfg.vocab_size, prob=self.cfg.mlm_prob, generator=gen)
+
+    @staticmethod
+    def _divisors(world, **counts):
+        """A masked-prediction loss divides its sum by the labelled positions of the global batch (counts
+        all_reduced, no gradient) / W: DDP's average of the W ranks' sum x W / count is then the global mean,
+        where rank-local means would weigh positions by how few their rank drew. One process: the mean."""
+        total = torch.stack(list(counts.values()))  # (k,) long
+        if world > 1:
+            dist.all_reduce(total)
+        return dict(zip(counts, (total.clamp(min=1) / world).unbind()))
 
     # -- image-only batch: MIM (FLAVA §3.3, BEiT) ---------------------------------------------
 
-    def images(self, images_u8, patch_masked):
+    def images(self, images_u8, patch_masked, divisor):
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the dVAE's input too
         codes = self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
         out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D), patch_masked (B, P)
         labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
-        return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked)}
+        return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked, divisor)}
 
     # -- text-only batch: MLM (FLAVA §3.3, BERT) ----------------------------------------------
 
-    def texts(self, masked_ids, attn, labels):
+    def texts(self, masked_ids, attn, labels, divisor):
         out = self.model.encode_text(masked_ids, attn)[1]  # (B, L, D) from the BERT-masked ids (B, L)
-        return {"mlm": masked_prediction(self.model.mlm_head, out, labels, self.k_text)}
+        return {"mlm": masked_prediction(self.model.mlm_head, out, labels, self.k_text, divisor)}
 
     # -- paired batch: GC + ITM + MMM (FLAVA §3.2) --------------------------------------------
 
-    def draw_pairs(self, ids, attn, gen, gen_cpu):
+    def draw_pairs(self, ids, attn, seed, gen, first, world):
         """The paired step's random choices, in one fixed order (so a seed gives the same step)."""
-        c, B, P = self.cfg, ids.size(0), self.model.cfg.num_patches
+        c, B, P, device = self.cfg, ids.size(0), self.model.cfg.num_patches, ids.device
+        total = world * B
         # FLIP: the patches the contrastive pass keeps (none dropped at keep_ratio 1: FLAVA).
-        keep_idx = masking.random_keep(B, P, c.keep_ratio, device=ids.device, generator=gen) if c.keep_ratio < 1 \
-            else None  # (B, K)
-        n = max(1, round(B * c.masked_fraction))
-        swap = torch.rand(n, device=ids.device, generator=gen) < c.itm_neg_prob  # (n,)
-        pick = torch.rand(n, device=ids.device, generator=gen)  # (n,) where each negative falls in its partner CDF
-        patch_masked = self._block_mask(n, gen_cpu, ids.device)  # (n, P) BEiT blocks
-        if c.itm_pass == "masked":  # FLAVA: the masked pass carries the swapped captions
-            partner = (torch.arange(n, device=ids.device) + torch.randint(1, max(B, 2), (n,), device=ids.device,
-                                                                         generator=gen)) % B
-            swap = swap & (ids[partner] != ids[:n]).any(dim=1)
-            mm_ids = torch.where(swap[:, None], ids[partner], ids[:n])  # (n, L)
-            mm_attn = torch.where(swap[:, None], attn[partner], attn[:n])
-        else:
-            mm_ids, mm_attn = ids[:n], attn[:n]
-        masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (n, L), (n, L) BERT 80/10/10
-        return {"keep_idx": keep_idx, "swap": swap, "pick": pick, "mm_attn": mm_attn,
+        keep_idx = masking.random_keep(total, P, c.keep_ratio, device=device, generator=gen)[first : first + B] \
+            if c.keep_ratio < 1 else None  # (B, K)
+        # The masked pass may run on a share of the rows only (masked_fraction): the contrastive loss gains
+        # from every extra negative, MMM and ITM much less, and the masked pass costs more. Its n_all rows
+        # j * total // n_all are spread evenly over the global batch; this rank holds those with j0 <= j < j1.
+        n_all = max(1, round(total * c.masked_fraction))
+        j0, j1 = -(-first * n_all // total), -(-(first + B) * n_all // total)  # ceil: first j at or past a row
+        rows = torch.arange(j0, j1, device=device) * total // n_all - first  # (n,) local rows of the masked pass
+        # ITM negatives: swap a share of captions for another sample's caption. The partner is uniform over
+        # the *other* rows of the global batch (every rank's captions are gathered: small int tensors); the
+        # label is 0 only if the swapped caption really differs.
+        all_ids, all_attn = gather_no_grad(ids), gather_no_grad(attn.to(torch.uint8)).bool()  # (W B, L)
+        swap = torch.rand(total, device=device, generator=gen) < c.itm_neg_prob  # (W B,)
+        partner = (torch.arange(total, device=device) + torch.randint(1, max(total, 2), (total,), device=device,
+                                                                      generator=gen)) % total  # (W B,), != own row
+        partner, own_ids = partner[rows + first], ids[rows]  # (n,), (n, L)
+        swap = swap[rows + first] & (all_ids[partner] != own_ids).any(dim=1)  # (n,)
+        itm_ids = torch.where(swap[:, None], all_ids[partner], own_ids)  # (n, L) the captions ITM judges
+        itm_attn = torch.where(swap[:, None], all_attn[partner], attn[rows])  # (n, L)
+        # FLAVA's ITM reads the masked pass, which then carries the swapped captions and MMM learns from the
+        # matched rows only; with ITM read apart (itm_pass="unmasked") every masked-pass row keeps its caption.
+        flava = c.itm_pass == "masked"
+        mm_ids, mm_attn = (itm_ids, itm_attn) if flava else (own_ids, attn[rows])  # (n, L) each
+        matched = ~swap if flava else torch.ones_like(swap)  # (n,) MMM learns from these rows only
+        patch_masked = self._block_mask(seed, [j * total // n_all for j in range(j0, j1)], device)  # (n, P)
+        masked_ids, text_labels = self._text_mask(mm_ids, gen, (j0, n_all))  # (n, L) each, BERT 80/10/10
+        divisors = self._divisors(world, mmm_image=(patch_masked & matched[:, None]).sum(),
+                                  mmm_text=(text_labels.ne(IGNORE_INDEX) & matched[:, None]).sum())
+        divisors["itm"] = n_all / world  # ITM: a mean over the n_all rows, known without asking the other ranks
+        return {"keep_idx": keep_idx, "rows": rows, "swap": swap, "matched": matched, "mm_attn": mm_attn,
+                "itm_ids": itm_ids, "itm_attn": itm_attn, "divisors": divisors,
                 "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
 
-    def itm_unmasked(self, image_hidden, text_hidden, ids, attn, swap, pick):
-        """ITM from the contrastive pass's unmasked states (ALBEF's place for it): row i's image with its own
-        caption, or (swap) with another row's, drawn uniformly among the rows whose caption differs, so that
-        label 0 is always a mismatch. Only the fusion layers run again. (ALBEF's hard negatives, drawn by
-        contrastive similarity, picked mostly *false* negatives here: another wording of the same scene, such
-        as "a red disc" for "there is a red circle"; ITM then stayed at chance, itm_auc 0.49.)"""
-        n, B = swap.size(0), ids.size(0)
-        with torch.no_grad():
-            differs = (ids[:n, None] != ids[None]).any(-1)  # (n, B) a caption other than row i's own
-            cdf = differs.float().cumsum(-1)  # (n, B)
-            partner = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=B - 1)  # (n,)
-            swap = swap & differs.any(-1)
-            cap = torch.where(swap, partner, torch.arange(n, device=ids.device))  # (n,)
-        mm = self.model.encode_multimodal(image_hidden[:n], text_hidden[cap], attn[cap])  # (n, M, D)
-        return itm_loss(self.model.itm_head(mm[:, 0]), (~swap).long())
-
     def pairs(self, images_u8, ids, attn, draws):
-        m, c = self.model, self.cfg
+        m, c, div = self.model, self.cfg, draws["divisors"]
         P, L = m.cfg.num_patches, ids.size(1)
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
 
@@ -304,25 +328,28 @@ class FLAVALoss(nn.Module):
         image_emb, text_emb = m.image_embed(image_out), m.text_embed(text_out)  # (B, E) each
         gc = contrastive_loss(image_emb, text_emb, m.logit_scale, c.backprop)
 
-        # 2. The masked pass on the first n rows: BEiT-masked image + BERT-masked text through both encoders
-        # and the fusion (with FLAVA's ITM negatives' captions swapped in when ITM reads this pass).
-        patch_masked, swap = draws["patch_masked"], draws["swap"]  # (n, P), (n,)
-        mm_attn, n = draws["mm_attn"], swap.size(0)  # (n, L)
-        images, codes = images[:n], self.dvae.codebook_indices(images[:n])  # (n, 3, S, S), (n, P)
+        # 2. The masked pass on its n rows (draw_pairs): BEiT-masked image + BERT-masked text through both
+        # encoders and the fusion -> MMM; and ITM, on [CLS_M] of this pass (FLAVA) or of the unmasked inputs.
+        patch_masked, matched, rows = draws["patch_masked"], draws["matched"], draws["rows"]  # (n, P), (n,), (n,)
+        mm_attn = draws["mm_attn"]  # (n, L)
+        images = images[rows]  # (n, 3, S, S)
+        codes = self.dvae.codebook_indices(images)  # (n, P)
         masked_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
         masked_text_hidden = m.encode_text(draws["masked_ids"], mm_attn)[0]  # (n, L, D) pre-LN
         mm = m.encode_multimodal(masked_hidden, masked_text_hidden, mm_attn)  # (n, M, D)
         if c.itm_pass == "masked":
-            itm, matched = itm_loss(m.itm_head(mm[:, 0]), (~swap).long()), ~swap  # ITM reads the masked pass (FLAVA)
-        else:
-            itm = self.itm_unmasked(image_hidden, text_hidden, ids, attn, swap, draws["pick"])
-            matched = torch.ones_like(swap)  # every masked-pass row is a true pair
+            cls_m = mm[:, 0]  # (n, D) FLAVA: ITM reads the masked pass
+        else:  # ALBEF's place: the contrastive pass's unmasked image states, the judged captions encoded whole
+            itm_text = m.encode_text(draws["itm_ids"], draws["itm_attn"])[0]  # (n, L, D) pre-LN
+            cls_m = m.encode_multimodal(image_hidden[rows], itm_text, draws["itm_attn"])[:, 0]  # (n, D)
+        itm = itm_loss(m.itm_head(cls_m), (~draws["swap"]).long(), div["itm"])
 
         # MMM learns only from matched pairs. The filter is applied to the *labels* of every
         # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be
         # left unfiltered (Hugging Face's bug #27855) and no shape changes.
         image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (n, P)
         text_labels = torch.where(matched[:, None], draws["text_labels"], IGNORE_INDEX)  # (n, L)
-        mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked)
-        mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text)
+        mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked,
+                                      div["mmm_image"])
+        mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text, div["mmm_text"])
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}

@@ -63,22 +63,24 @@ def _one_block_mask(rng: random.Random, G: int, target: int, min_block: int, log
 
 
 def block_mask(batch: int, grid: int, num_masked: int, min_block: int | None = None,
-               min_aspect: float = 0.3, generator: torch.Generator | None = None) -> torch.Tensor:
+               min_aspect: float = 0.3, generator: torch.Generator | None = None, seeds=None) -> torch.Tensor:
     """BEiT block-wise masks for a batch of images with a `grid` x `grid` patch grid.
 
     num_masked: target masked patches per image (BEiT/FLAVA: 75 of 196); min_block: smallest block
     (default scaled from BEiT's 16 on 14 x 14). Returns (B, P) bool on the CPU, row-major like the
     patches, True = masked. Per-image loops run in Python on a `random.Random` seeded from the
-    generator: a few blocks per image, well under a millisecond each."""
+    generator: a few blocks per image, well under a millisecond each. With `seeds` (one int per
+    image) mask i depends on seeds[i] alone: a shard of a batch draws what the batch draws for it."""
     P = grid * grid
     if not 0 <= num_masked < P:
         raise ValueError(f"block_mask: num_masked={num_masked} must be in [0, {P}) for a {grid}x{grid} grid")
     min_block = default_min_block(P) if min_block is None else min_block
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    rng = random.Random(seed)
-    masks = [_one_block_mask(rng, grid, num_masked, min_block, log_aspect) for _ in range(batch)]
-    return torch.from_numpy(np.stack(masks).reshape(batch, P))  # (B, P) bool
+    rngs = [random.Random(s) for s in seeds] if seeds is not None else \
+        [random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))] * batch  # one stream for all
+    assert len(rngs) == batch, f"{len(rngs)} seeds for {batch} images"
+    masks = [_one_block_mask(rng, grid, num_masked, min_block, log_aspect) for rng in rngs]
+    return torch.from_numpy(np.array(masks, dtype=bool).reshape(batch, P))  # (B, P) bool, B may be 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def block_mask(batch: int, grid: int, num_masked: int, min_block: int | None = N
 
 
 def text_mask(ids: torch.Tensor, *, mask_id: int, special_ids, vocab_size: int, prob: float = 0.15,
-              generator: torch.Generator | None = None):
+              generator: torch.Generator | None = None, rows: tuple | None = None):
     """BERT masking of a batch of token ids (B, L).
 
     Each row masks k = floor(prob * n + u), u ~ U(0, 1), of its n maskable tokens (never [PAD],
@@ -96,30 +98,33 @@ def text_mask(ids: torch.Tensor, *, mask_id: int, special_ids, vocab_size: int, 
     ever contributes a NaN loss for lack of targets. Of the chosen positions 80% become [MASK],
     10% a random non-special token, 10% stay. Returns (masked_ids, labels), labels = the original
     id at chosen positions and IGNORE_INDEX elsewhere. Works on any device; `generator` must live
-    on the same device as `ids`."""
+    on the same device as `ids`. rows = (first, total): ids are rows first .. first + B - 1 of a
+    batch of `total`; noise is drawn for all and sliced, so a row is masked alike in any shard."""
     B, L = ids.shape
     dev = ids.device
+    first, total = rows or (0, B)
+    own = slice(first, first + B)  # this shard's rows of every draw
     specials = sorted(set(int(s) for s in special_ids if 0 <= int(s) < vocab_size))
     maskable = torch.ones_like(ids, dtype=torch.bool)
     for s in specials:  # a few comparisons; no host -> device copy of a special-id tensor
         maskable &= ids != s  # (B, L)
     n = maskable.sum(dim=1)  # (B,)
-    u = torch.rand(B, device=dev, generator=generator)
+    u = torch.rand(total, device=dev, generator=generator)[own]
     k = torch.where(n > 0, (prob * n + u).floor().clamp(min=1), torch.zeros_like(u)).long()  # (B,)
     k = torch.minimum(k, n)
     # Rank the maskable positions by noise; the first k of each row are chosen.
-    noise = torch.rand(B, L, device=dev, generator=generator).masked_fill(~maskable, 2.0)  # (B, L)
+    noise = torch.rand(total, L, device=dev, generator=generator)[own].masked_fill(~maskable, 2.0)  # (B, L)
     rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L): 0 = smallest noise
     chosen = rank < k[:, None]  # (B, L) bool, True = masked (a subset of maskable)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))  # (B, L)
     # 80 / 10 / 10 split of the chosen positions.
-    r = torch.rand(B, L, device=dev, generator=generator)
+    r = torch.rand(total, L, device=dev, generator=generator)[own]
     to_mask = chosen & (r < 0.8)
     to_random = chosen & (r >= 0.8) & (r < 0.9)
     # Random replacements come from the non-special vocabulary only (HF may draw [CLS] or [PAD]):
     # draw from [0, V - #specials) and step over each special id in increasing order, a bijection
     # onto the non-special ids.
-    random_ids = torch.randint(vocab_size - len(specials), (B, L), device=dev, generator=generator)
+    random_ids = torch.randint(vocab_size - len(specials), (total, L), device=dev, generator=generator)[own]
     for s in specials:
         random_ids += (random_ids >= s).long()  # (B, L)
     masked = torch.where(to_mask, torch.full_like(ids, mask_id), ids)

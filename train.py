@@ -55,7 +55,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
     init_from: str = ""  # start from a Hugging Face FLAVA folder or a ckpt.pt: its model, vocabulary, image tokenizer
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
-    seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
+    seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and sample)
     batch_size: int = 128  # global batch per step, split evenly over ranks
     steps: int = 700  # joint FLAVA steps (stage 3)
     lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
@@ -72,6 +72,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
+    device: str = "auto"  # auto | cpu | cuda; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
     compile: bool = False  # torch.compile the step
     workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
@@ -144,6 +145,7 @@ def parse_args(argv=None):
         if overrides.get("image_tokenizer") == "dalle" and not train.init_from:
             raise ValueError("image_tokenizer=dalle is FLAVA's published codebook, which is loaded, not trained: "
                              "give --init_from (a Hugging Face FLAVA folder or a checkpoint that has it)")
+        pick_device(train.device, int(os.environ.get("LOCAL_RANK", 0)))
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
     except ValueError as e:
@@ -156,18 +158,33 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def setup_distributed():
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device: cpu, or cuda:LOCAL_RANK (one GPU per torchrun process); auto = cuda when available."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={name!r} must be auto, cpu or cuda")
+    if name == "cpu" or name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ValueError(f"device=cuda, but this torch ({torch.__version__}) sees no GPU; use --device cpu")
+    if local_rank >= n:  # rather than asking for a GPU that is not there
+        raise ValueError(f"device={name}: process {local_rank} on this node needs cuda:{local_rank}, but {n} GPU(s) "
+                         "are visible; start at most that many processes per node (torchrun --nproc_per_node) "
+                         "or use --device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(device: str = "auto"):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process.
     NCCL on CUDA, gloo on CPU (so every multi-process path is testable on a laptop)."""
     if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 0, 1, pick_device(device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = pick_device(device, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, local_rank, world, device
 
@@ -244,19 +261,26 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def rng_state():
-    """Every global generator, in types that weights_only=True loading accepts (no numpy arrays)."""
+def rng_state(device):
+    """Every global generator, in types that weights_only=True loading accepts (no numpy arrays). CUDA's
+    only when the run uses it: touching it would initialise CUDA in a CPU run (and fail in a forked one)."""
     kind, keys, *rest = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": (kind, keys.tolist(), *rest), "python": random.getstate(),
-            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+            **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], np.uint32), *state["numpy"][2:]))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of every random choice of a step (losses.FLAVALoss.draw). The same on every rank: each
+    choice depends on a sample's row in the global batch, not on the rank that holds it."""
+    return (seed * 1_000_003 + step) * 4099
 
 
 def trim_log(path, step, keep_dvae):
@@ -361,7 +385,7 @@ def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
 
 def main(argv=None):
     cfg, model_overrides, loss_cfg = parse_args(argv)  # a bad flag or combination stops here, before any work
-    rank, _, world_size, device = setup_distributed()
+    rank, _, world_size, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dtype = resolve_dtype(cfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -450,7 +474,7 @@ def main(argv=None):
         scaler.load_state_dict(resume["scaler"])
         step = last_saved = resume["step"]
         counters.update(resume.get("counters", {}))
-        set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"], device)
         print0(f"resumed from {ckpt_path} at step {step}")
     objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
@@ -467,7 +491,7 @@ def main(argv=None):
             save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
                          "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
-                         "vocab": tokenizer.vocab, "rng": rng_state(), "counters": dict(counters)}, ckpt_path)
+                         "vocab": tokenizer.vocab, "rng": rng_state(device), "counters": dict(counters)}, ckpt_path)
         last_saved = at_step
 
     # ---- stages 2-4 ------------------------------------------------------------------------------
@@ -494,7 +518,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                losses = step_fn(source, batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + rank)
+                losses = step_fn(source, batch, seed=step_seed(cfg.seed, step))
             scaler.scale(losses["total"]).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

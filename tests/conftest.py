@@ -24,6 +24,10 @@ SMALL = dict(image_size=32, patch_size=8, width=32, heads=2, image_layers=2, tex
              vocab_size=100, text_len=12, embed_dim=16, codebook_size=64)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs the CUDA paths; skipped where torch sees no GPU (test_gpu.py)")
+
+
 @pytest.fixture
 def tiny_cfg():
     """The `tiny` preset shrunk to SMALL (width 32, 2 + 2 + 1 layers, 32 px, 4 x 4 grid)."""

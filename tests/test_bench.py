@@ -8,8 +8,8 @@ import pytest
 
 from conftest import SMALL
 
-ARGS = ["--preset", "tiny", "--set", *(f"{k}={v}" for k, v in SMALL.items()), "--batch", "4", "--steps", "1",
-        "--warmup", "1", "--threads", "1", "--mem", "false"]
+ARGS = ["--preset", "tiny", "--set", *(f"{k}={v}" for k, v in SMALL.items()), "--device", "cpu", "--batch", "4",
+        "--steps", "1", "--warmup", "1", "--threads", "1", "--mem", "false"]
 
 
 def test_bench_runs_every_case_and_writes_json(tmp_path, capsys, monkeypatch):

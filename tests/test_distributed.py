@@ -1,11 +1,14 @@
-"""Multi-process test of the global contrastive loss (FLAVA §3.2): W gloo processes with n pairs each must
-give the loss and the (DDP-averaged) gradients of one process with the whole batch of W * n pairs.
+"""Multi-process tests (gloo, CPU): W processes with n samples each must give the loss and the (DDP-averaged)
+gradients of one process with the whole batch of W * n samples.
 
-The towers are the real ones (FLAVA.encode_image with FLIP keep-indices, encode_text with padding,
-image_embed / text_embed, logit_scale), in float64 except the contrastive head itself, which
-model.py / losses.py deliberately run in fp32 (design.md §4) -- hence tolerances of ~1e-5, not 1e-12.
-The negative control, CLIP's local backprop (no gradient through the gather), must *fail* the same
-comparison. Recipe: shared/research/flip_contrastive_masking_facts.md §3.5.
+First the global contrastive loss (FLAVA §3.2) alone, on the real towers (FLAVA.encode_image with FLIP
+keep-indices, encode_text with padding, image_embed / text_embed, logit_scale) in float64, except the
+contrastive head itself, which losses.py deliberately runs in fp32 (its logits and softmax: fp16 logits
+at scale 100 overflow) -- hence tolerances of ~1e-5, not 1e-12. The negative control, CLIP's local backprop
+(no gradient through the gather), must *fail* the same comparison (the recipe of open_clip's tests).
+Then the whole FLAVA step (losses.FLAVALoss) of each kind of batch, every loss on: each rank must draw
+exactly its rows of what one process draws, and divide its masked losses by the global counts (a
+rank-local mean, the negative control, fails).
 
     python -m pytest tests/test_distributed.py
 """
@@ -20,7 +23,7 @@ import torch.multiprocessing as mp
 
 import losses
 import masking
-from model import FLAVA, ModelConfig
+from model import DVAE, FLAVA, ModelConfig
 
 CFG = dict(image_size=16, patch_size=4, width=32, heads=2, image_layers=1, text_layers=1,
            mm_layers=1, vocab_size=50, text_len=8, embed_dim=16, codebook_size=16,
@@ -112,10 +115,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(world, state, out_path, timeout=90):
+def run_ranks(world, state, out_path, timeout=90, worker=_worker):
     # fork: the children inherit the imported modules instead of importing torch again (~2 s each on a
-    # loaded 2-core machine); each one only builds a tiny model and runs one forward/backward.
-    ctx = mp.start_processes(_worker, args=(world, free_port(), state, str(out_path)), nprocs=world, join=False,
+    # loaded 2-core machine); each one only builds a tiny model and runs a few forwards/backwards.
+    ctx = mp.start_processes(worker, args=(world, free_port(), state, str(out_path)), nprocs=world, join=False,
                              start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
@@ -153,6 +156,97 @@ def test_gloo_ranks_match_one_big_batch(world, tmp_path):
     for name in ("image_projection.weight", "text_projection.weight", "image_encoder.pos_embed"):
         assert max_rel_err(grads[name], ref_grads[name]) > 0.1, name  # measured 0.4-1.0
     assert max_rel_err(grads["logit_scale"], ref_grads["logit_scale"]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole FLAVA step of each kind of batch
+
+# Every loss weight at 1 (the default). The masked pass runs on 0.375 of the 8 rows, rows 0, 2 and 5: the
+# ranks hold uneven shares of it (2 + 1 for W = 2; 1 + 1 + 1 + 0 for W = 4, a rank without a masked row).
+LOSS = dict(keep_ratio=0.5, itm_neg_prob=0.5, masked_fraction=0.375)
+SEED = 12345
+
+
+def flava_step(state):
+    """losses.FLAVALoss on the model of `state` (in fp32: the step feeds it fp32 pixels) and a dVAE whose
+    codes vary (a random codebook in pixel space)."""
+    model = FLAVA(ModelConfig.from_preset("tiny", **CFG))
+    model.load_state_dict(state)
+    torch.manual_seed(1)
+    dvae = DVAE(model.cfg)
+    with torch.no_grad():
+        dvae.codebook.uniform_()
+    return losses.FLAVALoss(model, dvae, losses.LossConfig(**LOSS), mask_id=4, special_ids=range(5))
+
+
+def step_batch():
+    images, _, ids, attn = global_batch()
+    return {"image": (images * 255).round().to(torch.uint8), "ids": ids, "attn": attn}  # as data.collate gives
+
+
+def one_step(state, source, batch):
+    """The step's draws, its losses and every parameter's gradient (zeros where unused)."""
+    loss_fn = flava_step(state)
+    draws = loss_fn.draw(source, batch, SEED)
+    out = loss_fn.step(source, batch, draws)
+    out["total"].backward()
+    return draws, {k: v.item() for k, v in out.items()}, [torch.zeros_like(p) if p.grad is None else p.grad
+                                                          for p in loss_fn.model.parameters()]
+
+
+def _step_worker(rank, world, port, state, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        n, results = N_GLOBAL // world, {}
+        local = {k: v[rank * n : (rank + 1) * n] for k, v in step_batch().items()}
+        real_divisors = losses.FLAVALoss._divisors
+        for run in ("pairs", "images", "texts", "control"):
+            if run == "control":  # the negative control: each rank's masked losses a mean over its own positions
+                losses.FLAVALoss._divisors = staticmethod(lambda world, **counts: real_divisors(1, **counts))
+            draws, values, grads = one_step(state, "pairs" if run == "control" else run, local)
+            for g in grads:  # DDP: all-reduce SUM, divide by W
+                dist.all_reduce(g)
+                g /= world
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (draws, values))
+            results[run] = (gathered, grads)
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_ranks_match_one_big_batch_for_the_whole_step(world, tmp_path):
+    """Pairs (GC + ITM + MMM-image + MMM-text), images (MIM), texts (MLM), every loss on, FLIP keep 0.5, ITM
+    negatives, a masked pass on part of the rows: W ranks x n rows draw exactly the one process's draws for
+    their rows (kept patches, masked-pass rows, ITM swaps, BEiT and BERT masks), their mean losses are the
+    one process's losses and their DDP-averaged gradients its gradients. With rank-local means in the
+    masked losses (the control) the MMM gradients differ."""
+    state, batch = initial_state(), step_batch()
+    results = run_ranks(world, state, tmp_path / "ranks.pt", worker=_step_worker)
+    names = [name for name, _ in build_model().named_parameters()]
+    n = N_GLOBAL // world
+    for source in ("pairs", "images", "texts"):
+        ref_draws, ref_values, ref_grads = one_step(state, source, batch)
+        gathered, grads = results[source]
+        for key, ref in ref_draws.items():
+            if torch.is_tensor(ref):  # rows are local: rank r's row i is global row r * n + i
+                got = torch.cat([d[key] + (r * n if key == "rows" else 0) for r, (d, _) in enumerate(gathered)])
+                assert torch.equal(got, ref), (source, key)
+        if source == "pairs":
+            assert 0 < int(ref_draws["matched"].sum()) < 3 and ref_draws["rows"].tolist() == [0, 2, 5]
+        for key, ref in ref_values.items():
+            assert sum(v[key] for _, v in gathered) / world == pytest.approx(ref, rel=1e-5), (source, key)
+        assert sum(bool(g.any()) for g in ref_grads) > 10
+        for name, got, ref in zip(names, grads, ref_grads):
+            assert max_rel_err(got, ref) < 1e-5 if ref.any() else not got.any(), (source, name)
+
+    _, _, ref_grads = one_step(state, "pairs", batch)
+    wrong = {name for name, got, ref in zip(names, results["control"][1], ref_grads) if max_rel_err(got, ref) > 1e-3}
+    assert {"mmm_image_head.decoder.weight", "mmm_text_head.decoder.weight"} <= wrong
 
 
 def test_gather_with_grad_is_identity_in_one_process():

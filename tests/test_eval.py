@@ -8,6 +8,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -69,9 +70,9 @@ def test_vqa_set_matches_the_scene_graphs():
     assert kinds == set(E.QUESTION_TYPES.values())
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, init_std=0.02):
     torch.manual_seed(seed)
-    cfg = ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(tokenizer().vocab)})
+    cfg = ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(tokenizer().vocab), "init_std": init_std})
     return FLAVA(cfg).eval(), DVAE(cfg).eval(), cfg
 
 
@@ -100,7 +101,8 @@ def test_masked_inference_keeps_the_right_number_of_patches():
         assert all(len(set(row.tolist())) == kept for row in keep_idx)  # distinct patches per image
     class_emb = E.class_embeddings(model, tokenizer(), names, ("a {}.",), "cpu", off)
     for key, (_, out) in zip(results, outputs):  # each accuracy is read from its own pass
-        assert results[key] == pytest.approx(((model.image_embed(out) @ class_emb.T).argmax(1) == labels).float().mean())
+        correct = (model.image_embed(out) @ class_emb.T).argmax(1) == labels
+        assert results[key] == pytest.approx(correct.float().mean().item())
     emb = E.image_features(model, images, "cpu", off)[1]  # the unmasked pass is the model's own embedding
     assert torch.allclose(emb, model.image_embeddings(images.float() / 255), atol=1e-6)
 
@@ -129,7 +131,7 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
                 "bytes.pt": "refusing|cannot read", "missing.pt": "does not exist"}
     for name, message in expected.items():
         with pytest.raises(SystemExit, match=message):
-            E.main(["--ckpt", str(tmp_path / name), "--skip_figures"])
+            E.main(["--device", "cpu", "--ckpt", str(tmp_path / name), "--skip_figures"])
     assert not marker.exists()  # the pickled code never ran
 
 
@@ -144,7 +146,7 @@ KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval
 
 
 def write_checkpoint(folder):
-    model, dvae, cfg = tiny_model()
+    model, dvae, cfg = tiny_model(init_std=0.2)  # embeddings far apart: zero-shot and retrieval not all ties
     torch.save({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
                 "model_cfg": asdict(cfg), "step": 7, "vocab": tokenizer().vocab, "train_cfg": {"seed": 0, "pairs": ""},
                 "loss_cfg": {"mask_ratio": 0.383}}, folder / "ckpt.pt")
@@ -155,9 +157,49 @@ def write_checkpoint(folder):
     return folder / "ckpt.pt"
 
 
-def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path):
+def known_features(monkeypatch, images, captions):
+    """Give the suite's features known values on these pairs (recognised by content, not by position): image i
+    and caption i get the one-hot contrastive embedding e_i, except caption 0, which gets e_1 (it looks exactly
+    like caption 1); the ITM head says "match" exactly for an image with its own caption. Everything else
+    keeps the model's features."""
+    def key(image):
+        return image.numpy().tobytes()
+
+    index, caption_of = {key(im): i for i, im in enumerate(images)}, {key(im): c for im, c in zip(images, captions)}
+    real_image, real_text, real_fused = E.image_features, E.text_features, E.fused_features
+
+    def image_features(model, images, *args, **kwargs):
+        cls, emb = real_image(model, images, *args, **kwargs)
+        known = [index.get(key(im)) for im in images]
+        return cls, emb if None in known else F.one_hot(torch.tensor(known), len(captions)).float()
+
+    def text_features(model, tokenizer, texts, *args, **kwargs):
+        cls, emb = real_text(model, tokenizer, texts, *args, **kwargs)
+        known = [max(1, captions.index(t)) if t in captions else None for t in texts]  # caption 0 -> e_1
+        return cls, emb if None in known else F.one_hot(torch.tensor(known), len(captions)).float()
+
+    def fused_features(model, tokenizer, images, at, texts, *args, **kwargs):
+        cls, itm = real_fused(model, tokenizer, images, at, texts, *args, **kwargs)
+        match = [caption_of.get(key(images[a])) == t for a, t in zip(at.tolist(), texts)]
+        return cls, F.one_hot(torch.tensor(match).long(), 2).float()  # logit 1 high = "match"
+
+    for name, fn in (("image_features", image_features), ("text_features", text_features),
+                     ("fused_features", fused_features)):
+        monkeypatch.setattr(E, name, fn)
+
+
+def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
+    """The suite runs end to end (every key, the figures), and its numbers are what they claim to be: with
+    known features on the held-out pairs, retrieval in each direction and ITM score what they must (images
+    and captions paired right, i2t not t2i, 1 = match); zero-shot (seen and held-out classes) and the dVAE's
+    health equal what is recomputed here straight from the model and the dVAE. fp32 (no bf16 autocast), so
+    the recomputation agrees exactly."""
     ckpt = write_checkpoint(tmp_path)
-    E.main(["--ckpt", str(ckpt), "--n_pairs", "24", "--per_class", "2", "--n_probe", "40"])
+    images, captions, _ = E.synthetic_pairs(WORLD, 24)  # what the suite calls held-out pairs: val scenes 0-23
+    assert len(set(captions)) == 24  # so that every ITM negative is one
+    known_features(monkeypatch, images, captions)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # eval.main: bf16 autocast off
+    E.main(["--device", "cpu", "--ckpt", str(ckpt), "--n_pairs", "24", "--per_class", "2", "--n_probe", "40"])
     results = json.loads((tmp_path / "eval.json").read_text())
     assert set(results) == KEYS
     assert results["retrieval_pairs"] == 24 and results["step"] == 7 and results["skipped_files"] == 0
@@ -166,6 +208,32 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path):
     for name in ("retrieval.png", "masks.png", "dvae.png", "loss_curves.png"):
         with Image.open(tmp_path / name) as img:
             assert img.width > 100 and img.height > 50
+    # image 0 scores every caption 0 (its true one ranks last on a tie); image 1 ties captions 0 and 1 (rank 1);
+    # caption 0 is closest to image 1 and ties the rest at 0; every other pair is found first
+    assert [results[f"i2t_r{k}"] for k in (1, 5, 10)] == pytest.approx([22 / 24, 23 / 24, 23 / 24])
+    assert [results[f"t2i_r{k}"] for k in (1, 5, 10)] == pytest.approx([23 / 24, 23 / 24, 23 / 24])
+    assert results["itm_acc"] == results["itm_auc"] == results["itm_auc_hard"] == 1.0  # every negative told apart
+
+    model, dvae, cfg = tiny_model(init_std=0.2)  # the checkpoint's weights
+    with torch.no_grad():
+        # zero-shot: the nearest prompt-ensemble class embedding, on seen and on held-out (colour, shape) classes
+        images_c, labels, held, names = E.synthetic_classification_set(WORLD, 2)
+        prompts = [tokenizer().encode([t.format(c) for t in WORLD.prompt_templates], cfg.text_len) for c in names]
+        classes = F.normalize(torch.stack([model.text_embeddings(*p).mean(0) for p in prompts]), dim=-1)  # (24, E)
+        correct = (model.image_embeddings(images_c.float() / 255) @ classes.T).argmax(1) == labels  # (48,)
+        assert held.any() and not held.all()
+        assert torch.equal(images_c, E.render(WORLD, [WORLD.single("val", k % 2, *names[label].split())
+                                                      for k, label in enumerate(labels.tolist())]))
+        assert results["zeroshot_top1"] == pytest.approx(correct[~held].float().mean().item())
+        assert results["zeroshot_heldout_top1"] == pytest.approx(correct[held].float().mean().item())
+        # the dVAE: reconstruction of the retrieval images from their hard codes, and their code histogram
+        x = images.float() / 255
+        codes = dvae.codebook_indices(x)  # (24, P)
+        assert results["dvae_recon_mse"] == pytest.approx(((dvae.decode_indices(codes) - x) ** 2).mean().item())
+        counts = np.bincount(codes.flatten().numpy(), minlength=cfg.codebook_size)
+        p = counts[counts > 0] / counts.sum()
+        assert results["dvae_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
+        assert results["dvae_codes_used"] == pytest.approx((counts > 0).mean())
 
 
 def test_files_replace_the_synthetic_data(tmp_path):
@@ -187,8 +255,9 @@ def test_files_replace_the_synthetic_data(tmp_path):
              for _ in range(10)]  # label after label
     (tmp_path / "texts.tsv").write_text("\n".join(lines + ["no label here"]))
     out = tmp_path / "out"
-    E.main(["--ckpt", str(ckpt), "--out_dir", str(out), "--pairs", str(tmp_path / "pairs.jsonl"), "--classes",
-            str(tmp_path / "classes"), "--texts", str(tmp_path / "texts.tsv"), "--n_probe", "40", "--skip_figures"])
+    E.main(["--device", "cpu", "--ckpt", str(ckpt), "--out_dir", str(out), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--classes", str(tmp_path / "classes"), "--texts", str(tmp_path / "texts.tsv"), "--n_probe", "40",
+            "--skip_figures"])
     results = json.loads((out / "eval.json").read_text())
     assert results["retrieval_pairs"] == 14  # the broken image is dropped, not replaced by its neighbour
     assert results["skipped_files"] == 1 + 2 + 1  # broken.png; the escaping and malformed rows; bad.jpg
@@ -197,7 +266,7 @@ def test_files_replace_the_synthetic_data(tmp_path):
     assert {"probe_image_class", "probe_text_label", "zeroshot_top1", "zeroshot_drop75_top1"} <= set(results)
     assert "zeroshot_heldout_top1" not in results and not list(out.glob("*.png"))
     with pytest.raises(SystemExit, match="not found"):
-        E.main(["--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
+        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
     (tmp_path / "plain.txt").write_text("no tabs\nat all\n")
     with pytest.raises(SystemExit, match="label<TAB>text"):
-        E.main(["--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])
+        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])

@@ -103,7 +103,8 @@ def test_contrastive_loss_clamps_logit_scale():
 
 
 def test_contrastive_loss_runs_in_fp32_under_bf16_autocast():
-    """Under bf16 autocast the logits and softmax stay fp32 (design.md §4): same value as without autocast."""
+    """Under bf16 autocast the logits and softmax stay fp32 (bf16 spaces numbers near 100 by 0.5: logits at
+    scale 100 would lose their differences): same value as without autocast."""
     torch.manual_seed(0)
     img, txt = F.normalize(torch.randn(16, 32), dim=-1), F.normalize(torch.randn(16, 32), dim=-1)
     ls = torch.tensor(LOGIT_SCALE_MAX)
@@ -379,15 +380,37 @@ def test_the_model_overfits_one_small_batch():
     assert all(math.isfinite(h["total"]) for h in history)
 
 
-def test_masked_fraction_runs_the_masked_pass_on_the_first_rows_only():
-    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole
-    batch, the multimodal encoder only the first round(fraction * B) rows."""
+def test_masked_fraction_runs_the_masked_pass_on_rows_spread_over_the_batch(monkeypatch):
+    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole batch,
+    the masked pass round(fraction * B) rows spread evenly over it (every 4th at 0.25), so that with W ranks
+    each holds its share of them, as their global row index, not their rank, decides."""
     cfg = ModelConfig.from_preset("tiny", width=32, heads=2, image_layers=1, text_layers=1, image_size=32,
                                   codebook_size=32, vocab_size=50)
-    loss_fn = make_loss(cfg, masked_fraction=0.25)
-    seen = {}
-    real = loss_fn.model.encode_multimodal
-    loss_fn.model.encode_multimodal = lambda i, t, a: seen.setdefault("rows", i.size(0)) and real(i, t, a)
-    out = loss_fn("pairs", make_batch(cfg, 16), seed=0)
-    assert seen["rows"] == 4 and set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"}
-    assert all(torch.isfinite(v) for v in out.values())
+    loss_fn = make_loss(cfg, masked_fraction=0.25, itm_neg_prob=0.0)
+    batch = make_batch(cfg, 16)
+    _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed=0)
+    (masked_call,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is not None]
+    assert torch.equal(masked_call[0][0], batch["image"][[0, 4, 8, 12]].float() / 255)
+    assert torch.equal(spies["text_mask"].calls[-1][0][0], batch["ids"][[0, 4, 8, 12]])
+    assert spies["encode_multimodal"].calls[-1][2].size(0) == 4
+    with torch.no_grad():
+        out = loss_fn("pairs", batch, seed=0)
+    assert set(out) == {"gc", "itm", "mmm_image", "mmm_text", "total"} and all(torch.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize("source, reached", [
+    ("pairs", ("image_encoder.", "text_encoder.", "mm_encoder.", "itm_head.", "mmm_image_head.", "mmm_text_head.",
+               "image_projection.", "text_projection.", "logit_scale")),
+    ("images", ("image_encoder.", "mim_head.")),
+    ("texts", ("text_encoder.", "mlm_head.")),
+])
+def test_which_parameters_each_kind_of_batch_trains(tiny_cfg, source, reached):
+    """Every parameter a kind of batch should train gets a non-zero gradient, every other one none: the set
+    DDP finds unused each step, and where an accidental detach (or a loss left out of `total`) would show.
+    Pairs reach both encoders, the fusion, ITM, both MMM heads, the projections and logit_scale but not the
+    MIM / MLM heads; images the image encoder and the MIM head; texts the text encoder and the MLM head."""
+    loss_fn = make_loss(tiny_cfg, keep_ratio=0.5, itm_neg_prob=0.5)
+    loss_fn(source, make_batch(tiny_cfg, 8, seed=5), seed=2)["total"].backward()
+    got = {n for n, p in loss_fn.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {n for n, _ in loss_fn.model.named_parameters() if n.startswith(reached)}
+    assert got == expected, (sorted(expected - got), sorted(got - expected))

@@ -111,7 +111,7 @@ def test_block_mask_aspect_limits(min_aspect):
     assert aspect.max() <= 1.1 / min_aspect and aspect.min() >= min_aspect / 1.1
     assert aspect.max() >= 0.8 / min_aspect and aspect.min() <= 1.25 * min_aspect
     assert abs(aspect.log().mean().item()) < 0.05
-    assert (aspect > 1).float().mean() == pytest.approx((aspect < 1).float().mean(), abs=0.05)
+    assert (aspect > 1).float().mean().item() == pytest.approx((aspect < 1).float().mean().item(), abs=0.05)
 
 
 def test_block_mask_deterministic_given_generator():
@@ -119,6 +119,17 @@ def test_block_mask_deterministic_given_generator():
     a = block_mask(16, 8, 25, generator=gen(5))
     assert torch.equal(a, block_mask(16, 8, 25, generator=gen(5)))
     assert not torch.equal(a, block_mask(16, 8, 25, generator=gen(6)))
+
+
+def test_block_mask_with_a_seed_per_image_is_shard_independent():
+    """With one seed per image, any shard of a batch gets exactly the masks the whole batch gets for its
+    images (what lets W ranks draw what one process draws), still with BEiT's statistics; 0 images work."""
+    seeds = [7 * 2**32 + g for g in range(64)]
+    whole = block_mask(64, 8, 25, seeds=seeds)
+    assert torch.equal(block_mask(16, 8, 25, seeds=seeds[16:32]), whole[16:32])
+    assert torch.equal(block_mask(1, 8, 25, seeds=seeds[5:6]), whole[5:6])
+    assert len({tuple(m.tolist()) for m in whole}) == 64 and whole.sum(1).float().mean() >= 0.98 * 25
+    assert block_mask(0, 8, 25, seeds=[]).shape == (0, 64)
 
 
 def test_default_min_block_scales_beit():
@@ -242,6 +253,19 @@ def test_text_mask_deterministic_given_generator():
     c = text_mask(ids, mask_id=MASK_ID, special_ids=SPECIALS, vocab_size=V, generator=gen(10))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
+
+
+def test_text_mask_of_a_shard_is_the_whole_batch_mask_of_its_rows():
+    """rows=(first, total): a shard's masks are the whole batch's masks of those rows, on every draw (which
+    positions, 80/10/10, random words); without it a shard draws other masks."""
+    ids, _ = text_batch(12, 16, seed=11)
+    kw = dict(mask_id=MASK_ID, special_ids=SPECIALS, vocab_size=V)
+    whole = text_mask(ids, generator=gen(12), **kw)
+    for first, n in ((0, 4), (4, 4), (8, 4), (3, 1)):
+        shard = text_mask(ids[first : first + n], generator=gen(12), rows=(first, 12), **kw)
+        assert all(torch.equal(a, b[first : first + n]) for a, b in zip(shard, whole))
+    alone = text_mask(ids[4:8], generator=gen(12), **kw)
+    assert not torch.equal(alone[1], whole[1][4:8])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -180,28 +180,50 @@ def test_config_reports_all_problems_and_unknown_names():
 
 
 @pytest.mark.parametrize("padding", [False, True])
-def test_sdpa_manual_and_auto_attention_agree(tiny_cfg, padding):
-    """The SDPA and the explicit-softmax paths give the same outputs (fp32 and fp64), with and without padding."""
+def test_sdpa_manual_and_auto_attention_agree(tiny_cfg, padding, monkeypatch):
+    """The explicit softmax gives SDPA's outputs, with and without padding: in fp32 and fp64 (tight), and under
+    bf16 autocast on the CPU (bf16 tolerances, against SDPA in fp32 and in bf16), the case "auto" exists for:
+    there it takes the explicit path (torch's CPU flash kernel is ~10x slower in bf16); otherwise SDPA. A spy
+    on F.scaled_dot_product_attention says which path really ran."""
     torch.manual_seed(0)
-    models = {mode: FLAVA(dataclasses.replace(tiny_cfg, attn=mode)) for mode in ("sdpa", "manual", "auto")}
+    cfg = dataclasses.replace(tiny_cfg, init_std=0.2)  # peaked attention (N(0, 0.02) leaves it near uniform)
+    models = {mode: FLAVA(dataclasses.replace(cfg, attn=mode)) for mode in ("sdpa", "manual", "auto")}
     state = randomize_zero_inits(models["sdpa"]).state_dict()
     B, L = 3, tiny_cfg.text_len
     ids, attn = rand_text(B, L, tiny_cfg.vocab_size, seed=1)
     if not padding:
         attn = torch.ones_like(attn)
     images = rand_images(B, tiny_cfg.image_size, seed=1)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+
+    def run(mode, dtype, autocast=None):
+        """(image out, text out, fusion out) in fp32, and whether SDPA ran."""
+        model = models[mode]
+        model.load_state_dict(state)
+        model.to(dtype)
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+            ih, io = model.encode_image(images.to(dtype))
+            th, to = model.encode_text(ids, attn)
+            outs = (io, to[attn], model.encode_multimodal(ih, th, attn))
+        return [o.float() for o in outs], bool(calls)
+
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
-        outs = {}
-        for mode, model in models.items():
-            model.load_state_dict(state)
-            model.to(dtype)
-            with torch.no_grad():
-                ih, io = model.encode_image(images.to(dtype))
-                th, to = model.encode_text(ids, attn)
-                outs[mode] = (io, to, model.encode_multimodal(ih, th, attn))
-        for mode in ("manual", "auto"):
-            for a, b in zip(outs["sdpa"], outs[mode]):
-                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        (ref, used), (manual, used_manual), (auto, used_auto) = (run(m, dtype) for m in ("sdpa", "manual", "auto"))
+        assert used and not used_manual  # two different paths compared
+        assert used_auto == (dtype == torch.float32)  # on a CPU auto leaves SDPA for any other dtype
+        for a, b, c in zip(ref, manual, auto):
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+            assert torch.equal(c, a if used_auto else b)
+    ref = run("sdpa", torch.float32)[0]
+    low, used = run("sdpa", torch.float32, torch.bfloat16)
+    auto, used_auto = run("auto", torch.float32, torch.bfloat16)
+    assert used and not used_auto  # bf16 on a CPU: auto takes the explicit path
+    for r, a, b in zip(ref, low, auto):  # relative errors ~0.006 measured (bf16 keeps 8 bits of mantissa)
+        assert (b - r).norm() / r.norm() < 0.02 and (b - a).norm() / a.norm() < 0.02
+        assert not torch.equal(b, r)  # it really ran in bf16
 
 
 @pytest.mark.parametrize("attn_mode", ["sdpa", "manual"])
@@ -316,6 +338,29 @@ def test_encoders_return_pre_and_post_final_layernorm(tiny_cfg):
                                    F.normalize(model.image_projection(io[:, 0]), dim=-1))
         torch.testing.assert_close(model.text_embeddings(ids, attn),
                                    F.normalize(model.text_projection(to[:, 0]), dim=-1))
+
+
+def test_mean_pooling_averages_the_patch_tokens_without_cls(tiny_cfg):
+    """image_pool="mean" (FLIP): the image embedding is the projection of the mean of the final-LN patch tokens,
+    [CLS_I] left out, over the kept patches only when FLIP drops some; "cls" reads [CLS_I] alone."""
+    torch.manual_seed(0)
+    model = randomize_zero_inits(FLAVA(dataclasses.replace(tiny_cfg, image_pool="mean"))).eval()
+    B, P = 3, tiny_cfg.num_patches
+    images = rand_images(B, tiny_cfg.image_size)
+    keep_idx = masking.random_keep(B, P, 0.25, generator=torch.Generator().manual_seed(2))  # (B, 4)
+    with torch.no_grad():
+        for keep in (None, keep_idx):
+            out = model.encode_image(images, keep_idx=keep)[1]  # (B, 1 + K, D)
+            assert out.size(1) == 1 + (P if keep is None else 4)
+            expected = F.normalize(model.image_projection(out[:, 1:].mean(dim=1)), dim=-1)  # (B, E)
+            torch.testing.assert_close(model.image_embed(out), expected)
+            other_cls = torch.cat([torch.randn_like(out[:, :1]), out[:, 1:]], dim=1)  # [CLS_I] plays no part
+            torch.testing.assert_close(model.image_embed(other_cls), expected)
+        torch.testing.assert_close(model.image_embeddings(images), model.image_embed(model.encode_image(images)[1]))
+        model.cfg = dataclasses.replace(model.cfg, image_pool="cls")
+        cls_emb = model.image_embed(out)
+        torch.testing.assert_close(cls_emb, F.normalize(model.image_projection(out[:, 0]), dim=-1))
+        assert not torch.allclose(cls_emb, expected, atol=1e-3)
 
 
 def test_multimodal_index_map(tiny_cfg):

@@ -327,7 +327,7 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
     names.write_text("n0001\tred square\nn0002\tblue circle\n")
     prompted, zero_shot = [], E.zero_shot  # the class names the prompts are made of
     monkeypatch.setattr(E, "zero_shot", lambda *a, **k: prompted.append(a[5:7]) or zero_shot(*a, **k))
-    E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(names), "--pairs",
+    E.main(["--device", "cpu", "--hf", str(folder), "--classes", str(classes), "--class_names", str(names), "--pairs",
             str(pairs_file(tmp_path)), "--out_dir", str(tmp_path / "e1"), "--n_probe", "8", "--skip_figures"])
     results = json.loads((tmp_path / "e1" / "eval.json").read_text())
     assert {"zeroshot_top1", "i2t_r1", "itm_acc", "dvae_perplexity"} <= set(results) and "dvae_recon_mse" not in results
@@ -338,9 +338,9 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
         assert E.read_class_names(str(tmp_path / "names.json"), ["n0001", "n0002"]) == ["red square", "blue circle"]
     (tmp_path / "bad.tsv").write_text("n0001\tred square\n")
     with pytest.raises(SystemExit, match=r"names no class for the sub-folder\(s\) \['n0002'\]"):
-        E.main(["--hf", str(folder), "--classes", str(classes), "--class_names", str(tmp_path / "bad.tsv")])
+        E.main(["--device", "cpu", "--hf", str(folder), "--classes", str(classes), "--class_names", str(tmp_path / "bad.tsv")])
     (tmp_path / "prompts.txt").write_text("itap a {}.\nno template here\na blurry photo of the {}.\n")
-    E.main(["--ckpt", str(out), "--classes", str(classes), "--n_probe", "8", "--prompts",
+    E.main(["--device", "cpu", "--ckpt", str(out), "--classes", str(classes), "--n_probe", "8", "--prompts",
             str(tmp_path / "prompts.txt")])
     assert prompted[-1] == (["n0001", "n0002"], ["itap a {}.", "a blurry photo of the {}."])
     results = json.loads((out.parent / "eval.json").read_text())  # --classes alone was enough
@@ -353,7 +353,7 @@ def test_classes_alone_on_a_checkpoint_trained_on_files(tmp_path):
     torch.save({"format": "nanoflava-1", "model": M.FLAVA(cfg).state_dict(), "dvae": M.DVAE(cfg).state_dict(),
                 "model_cfg": cfg.__dict__, "step": 3, "vocab": VOCAB, "train_cfg": {"pairs": "train.jsonl"}},
                tmp_path / "ckpt.pt")
-    E.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--classes", str(image_files(tmp_path / "c")), "--n_probe", "8"])
+    E.main(["--device", "cpu", "--ckpt", str(tmp_path / "ckpt.pt"), "--classes", str(image_files(tmp_path / "c")), "--n_probe", "8"])
     results = json.loads((tmp_path / "eval.json").read_text())
     assert {"zeroshot_top1", "probe_image_class", "dvae_recon_mse"} <= set(results) and "i2t_r1" not in results
     assert (tmp_path / "dvae.png").exists() and not (tmp_path / "retrieval.png").exists()
@@ -365,7 +365,7 @@ def test_train_init_from_starts_at_the_published_weights_and_targets(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):  # DALL-E's encoder cannot be trained from scratch here
         train.parse_args(["--image_tokenizer", "dalle"])
-    train.main(["--init_from", str(folder), "--pairs", str(pairs_file(tmp_path)), "--out_dir", str(out), "--steps", "2",
+    train.main(["--device", "cpu", "--init_from", str(folder), "--pairs", str(pairs_file(tmp_path)), "--out_dir", str(out), "--steps", "2",
                 "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
                 "--log_every", "1",
                 "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])
@@ -376,7 +376,7 @@ def test_train_init_from_starts_at_the_published_weights_and_targets(tmp_path):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert not any(r.get("stage") == "dvae" for r in rows)
     assert all(math.isfinite(r["mmm_image"]) for r in rows if "mmm_image" in r)
-    train.main(["--init_from", str(out / "ckpt.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
+    train.main(["--device", "cpu", "--init_from", str(out / "ckpt.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
                 "--out_dir", str(tmp_path / "again"),
                 "--steps", "1", "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
                 "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])  # from any checkpoint too
