@@ -277,9 +277,10 @@ def trim_log(path, step, keep_dvae):
 
 
 # Flags that cannot change what a resumed run computes: where it writes, how often it logs, saves and evaluates,
-# how fast it loads and compiles. Any other difference from the checkpoint's flags is refused (or accepted: ok).
+# how fast it loads, compiles and attends, what it recomputes. Any other difference from the checkpoint's flags is
+# refused (or accepted: --resume_changes ok).
 HARMLESS = {"out_dir", "log_every", "ckpt_every", "keep_ckpts", "workers", "compile", "device", "resume",
-            "resume_changes", "eval", "eval_pairs", "eval_every"}
+            "resume_changes", "eval", "eval_pairs", "eval_every", "attn", "grad_ckpt"}
 
 
 def fail(error):
