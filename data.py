@@ -3,12 +3,14 @@
 FLAVA (arXiv 2112.04482, §3.4) draws each update from one source: image-text pairs, images alone or
 text alone (0.70 / 0.15 / 0.15). Each source exists twice here: in an embedded synthetic world
 (captioned scenes of coloured shapes, deterministic, no downloads) and as files on disk (a JSONL/CSV
-manifest of pairs, an image folder tree, a text file). Images come out as uint8 (3, H, W): the model
-step normalises them (CLIP_MEAN / CLIP_STD) and computes its dVAE targets itself. Transforms follow
-FLAVA's public code: random-resized crop, scale (0.9, 1.0), for training; resize + centre crop for eval.
+manifest of pairs, an image folder tree, a text file), pairs also as web-scale tar shards, streamed.
+Images come out as uint8 (3, H, W): the model step normalises them (CLIP_MEAN / CLIP_STD) and computes
+its dVAE targets itself. Transforms follow FLAVA's public code: random-resized crop, scale (0.9, 1.0),
+for training; resize + centre crop for eval.
 
     python data.py                      # draws 64 scenes to shapes_world.png and prints captions
-    python -m pytest tests/test_data.py
+    python data.py shards pairs.jsonl shards/ --per_shard 10000   # WebDataset tar shards from a manifest
+    python -m pytest tests/test_data.py tests/test_manifests.py tests/test_shards.py
 """
 import array
 import bisect
@@ -678,7 +680,7 @@ class TarShards:
                 break
         return out
 
-    def decode(self, shard, key, group, rng):
+    def decode(self, group, rng):
         image = read_image(io.BytesIO(group[next(e for e in SHARD_IMAGES if e in group)][2]), self.image_size,
                            True, rng)
         ids, attn = self.tokenizer.encode(self.caption(group), self.text_len)
@@ -699,8 +701,8 @@ class _ShardReader:
         self.buffer = [self._reread(*ref) for ref in state["buffer"]]
 
     def state(self):
-        return {"pos": self.pos, "taken": self.taken, "emitted": self.emitted,
-                "buffer": [(pos, key, [(e, o, s) for e, (o, s, _) in group.items()]) for pos, key, group in self.buffer]}
+        refs = [(pos, key, [(e, o, s) for e, (o, s, _) in group.items()]) for pos, key, group in self.buffer]
+        return {"pos": self.pos, "taken": self.taken, "emitted": self.emitted, "buffer": refs}
 
     def _reread(self, pos, key, members):
         group = {}
@@ -746,7 +748,7 @@ class _ShardReader:
             shard = self.source.shard(pos, self.seed)
             try:  # the crop: a function of the sample and its epoch, whichever reader reads it
                 rng = random.Random(f"{self.seed}/{os.path.basename(shard)}/{key}/{pos // len(self.source.shards)}")
-                sample = self.source.decode(shard, key, group, rng)
+                sample = self.source.decode(group, rng)
             except Exception as e:
                 self.pending.append((f"{shard}:{key}", f"{type(e).__name__}: {e}"))
                 continue
@@ -759,24 +761,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     """One rank's endless batches of a streamed source: (name, batch), the batch carrying stream = (reader,
     its state after the batch). With W workers the DataLoader takes batch k from worker k % W (it reads its
     workers in turn); so that a resumed loader, which starts at worker 0, continues batch k0 with reader
-    k0 % W, worker w plays reader (k0 + w) % W. Saved with other readers (another world size or workers),
-    the state is not exact: the readers restart at the lowest place not finished, with empty buffers (what
-    the old buffers held is not seen this epoch, and the shards read ahead of that place are read again)."""
+    k0 % W, worker w plays reader (k0 + w) % W. state: {"batches": k0, "readers": {j: state}} (see Batches)."""
 
-    def __init__(self, source, name, local_batch, seed, rank, world_size, state=None):
+    def __init__(self, source, name, local_batch, seed, rank, world_size, state):
         self.source, self.name, self.local_batch, self.seed = source, name, local_batch, seed
-        self.rank, self.world_size, self.state = rank, world_size, state or {"batches": 0, "readers": {}, "R": 0}
+        self.rank, self.world_size, self.state = rank, world_size, state
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
-        j, R, saved = self.rank * W + (self.state["batches"] + w) % W, self.world_size * W, self.state["readers"]
-        if self.state["R"] in (0, R):
-            state = saved.get(j)
-        else:  # another topology: restart at the lowest place not finished (see the docstring)
-            start = min(saved.get(i, {"pos": i})["pos"] for i in range(self.state["R"]))
-            state = {"pos": start + j, "taken": 0, "emitted": 0, "buffer": []}
-        reader = _ShardReader(self.source, self.seed, j, R, state)
+        j = self.rank * W + (self.state["batches"] + w) % W
+        reader = _ShardReader(self.source, self.seed, j, self.world_size * W, self.state["readers"].get(j))
         while True:
             name, batch = collate([{**reader.next_sample(), "source": self.name} for _ in range(self.local_batch)])
             batch["stream"] = (j, reader.state())
@@ -879,10 +874,11 @@ class MixtureBatchSampler:
             base = drawn[source] * self.global_batch + self.rank * self.local_batch
             drawn[source] += 1
             positions = range(base, base + self.local_batch)
+            indices = self.indices(source, positions)
             if self.seeds:
-                yield [(source, i, f"{self.seed}/{source}/{g}") for g, i in zip(positions, self.indices(source, positions))]
+                yield [(source, i, f"{self.seed}/{source}/{g}") for g, i in zip(positions, indices)]
             else:
-                yield [(source, i) for i in self.indices(source, positions)]
+                yield [(source, i) for i in indices]
 
 
 def collate(samples):
@@ -909,7 +905,10 @@ class Batches:
     """(source, batch) for each step from the sampler's start_step on: the map-style sources through one
     DataLoader over the Mixture (the sampler's keys), each streamed source through its own (ShardStream); the
     sampler's choice of source, the same on every rank, says which loader serves a step. state() is what a
-    checkpoint keeps of the streams: the batches taken, and this rank's readers (the trainer gathers all ranks')."""
+    checkpoint keeps of the streams: the batches taken, and this rank's readers (the trainer gathers all ranks').
+    A state saved by another number of readers (world size x workers) cannot be continued exactly: the readers
+    restart at the lowest place not finished, with empty buffers; of that epoch, what the old buffers held is
+    not seen (at most one buffer per old reader), and the shards read beyond that place are read again."""
 
     def __init__(self, mixture, sampler, num_workers=0, pin_memory=False, states=None):
         self.sampler, self.step, self.streams, self.states = sampler, sampler.start_step, {}, {}
@@ -918,7 +917,7 @@ class Batches:
         for name in [s for s in sampler.names if sampler.sizes[s] is None]:
             old = (states or {}).get(name) or {"batches": 0, "readers": {}, "R": R}
             readers = dict(old["readers"])
-            if old["R"] != R:  # saved by another topology: see ShardStream
+            if old["R"] != R:  # saved by another topology: see above
                 start = min(readers.get(i, {"pos": i})["pos"] for i in range(old["R"]))
                 readers = {j: {"pos": start + j, "taken": 0, "emitted": 0, "buffer": []} for j in range(R)}
             self.states[name] = {"batches": old["batches"], "readers": readers, "R": R}

@@ -10,10 +10,11 @@ pass, then tune briefly without dropping.
     python train.py --help                         # every flag, grouped
     torchrun --nproc_per_node=2 train.py           # the same on 2 processes (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
+    torchrun --nproc_per_node=8 train.py --preset base --shards 'pmd/{00000..07000}.tar' --images imagenet/train
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
-    python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped
+    python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
 
-Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt, eval.json.
+Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt (and the last --keep_ckpts as ckpt_<step>.pt), eval.json.
 """
 import argparse
 import inspect

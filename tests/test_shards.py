@@ -61,7 +61,14 @@ def test_writer_keeps_every_pair(tmp_path):
     assert [len(list(data.tar_groups(p))) for p in paths] == [4, 4, 2]
     key, group = next(data.tar_groups(paths[1]))
     assert key == "000000004" and sorted(group) == ["png", "txt"] and group["txt"][2] == b"picture number 4"
-    assert group["png"][2] == (tmp_path / "4.png").read_bytes()  # the bytes as they were, not re-encoded
+    # JPEG bytes are copied as they are; a format the readers do not take (BMP) is re-encoded as PNG
+    Image.new("RGB", (12, 10), (200, 30, 60)).save(tmp_path / "a.jpg", quality=70)
+    Image.new("RGB", (12, 10), (20, 130, 60)).save(tmp_path / "b.bmp")
+    (tmp_path / "ab.jsonl").write_text('{"image": "a.jpg", "caption": "a"}\n{"image": "b.bmp", "caption": "b"}\n')
+    _, [path], _, _ = data.write_shards(tmp_path / "ab.jsonl", tmp_path / "ab")
+    (_, a), (_, b) = data.tar_groups(path)
+    assert a["jpg"][2] == (tmp_path / "a.jpg").read_bytes() and sorted(b) == ["png", "txt"]
+    assert Image.open(io.BytesIO(b["png"][2])).getpixel((3, 3)) == (20, 130, 60)
 
 
 @pytest.mark.parametrize("workers, world", [(0, 1), (2, 1), (0, 2)])
