@@ -647,8 +647,12 @@ class TarShards:
 
     def shard(self, pos, seed):
         """The shard at place pos of the endless sequence of epochs, each the shards in a fresh order."""
+        return self._order(seed, pos // len(self.shards))[pos % len(self.shards)]
+
+    @functools.lru_cache(maxsize=4)
+    def _order(self, seed, epoch):
         n = len(self.shards)
-        return self.shards[int(permute([pos % n], n, f"{seed}/shards/{pos // n}")[0])]
+        return [self.shards[i] for i in permute(np.arange(n), n, f"{seed}/shards/{epoch}")]
 
     @staticmethod
     def lacks(group):
