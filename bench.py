@@ -10,14 +10,17 @@ measured in a fresh process per case. MFU: model FLOPs (model.flops_per_sample) 
 
     python bench.py --preset small --batch 32 --threads 1 --peer         # CPU: the README table
     python bench.py --preset base --device cuda --batch max [--compile]  # GPU: largest batch, MFU
+    python bench.py --ablate                                               # the papers' ablations, small scale
 """
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -211,6 +214,77 @@ def probe_fresh(spec):
         return pool.apply(probe, (spec,))
 
 
+# ---------------------------------------------------------------------------------------------
+# The papers' ablations at small scale: what each objective and FLIP's masking buy (learning, not speed)
+# ---------------------------------------------------------------------------------------------
+
+PAIRED_ONLY = ["--p_pairs", "1", "--p_images", "0", "--p_texts", "0"]
+ABLATIONS = [  # (row, train.py flags, processes): equal steps, the default recipe otherwise
+    ("GC only", PAIRED_ONLY + ["--itm_weight", "0", "--mmm_image_weight", "0", "--mmm_text_weight", "0"], 1),
+    ("GC + ITM + MMM (FLAVA's paired objectives)", PAIRED_ONLY, 1),
+    ("full FLAVA: + MIM and MLM batches (the default run)", [], 1),
+    ("2 processes, global contrastive backprop (FLAVA)", ["--backprop", "global"], 2),
+    ("2 processes, local contrastive backprop (CLIP)", ["--backprop", "local"], 2)]
+FLIP_ROWS = [(0.5, False), (0.25, False), (0.5, True), (0.25, True)]  # keep 1.0 is the default row
+COLUMNS = ("zeroshot_top1", "zeroshot_heldout_top1", "i2t_r1", "t2i_r1", "vqa_multimodal", "itm_auc", "itm_auc_hard",
+           "mmm_attr_acc", "mmm_image_acc", "code_majority_acc")
+
+
+def train_and_eval(out, flags, processes=1):
+    """One run of train.py (under torchrun for several processes) and the full eval.py suite -> eval.json."""
+    launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       f"--nproc_per_node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
+    subprocess.run([*launch, "train.py", "--out_dir", out, "--eval", "false", *flags], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--skip_figures"], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)
+
+
+def ms_per_step(out):
+    """Median training time per step of a run, from its log (evaluation excluded)."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return statistics.median(r["ms_per_step"] for r in map(json.loads, f) if r.get("stage") == "joint")
+
+
+def ablate(args):
+    """FLAVA Table 4 (GC alone, + ITM and MMM, + unimodal MIM and MLM), FLAVA §3.2's global vs local contrastive
+    backprop, and FLIP Table 1a/1e (keep 1.0 / 0.5 / 0.25 at equal wall-clock time, with and without unmasked
+    tuning) -> one table of held-out figures. FLIP's rows get the steps that fit the time the default row took,
+    from each keep ratio's speed measured in a short run; unmasked tuning takes 10% of that time at keep 1.0."""
+    seed, root, results = ["--seed", str(args.seed)], args.ablate_dir, {}
+    steps = ["--steps", str(args.ablate_steps)] if args.ablate_steps else []
+    for i, (row, flags, processes) in enumerate(tqdm(ABLATIONS, desc="ablations")):
+        results[row] = train_and_eval(os.path.join(root, f"row{i}"), [*flags, *seed, *steps], processes)
+    default = os.path.join(root, "row2")
+    budget = ms_per_step(default) * results[ABLATIONS[2][0]]["step"]  # the default row's training time, ms
+    dvae = ["--dvae_ckpt", os.path.join(default, "dvae.pt")]  # the same tokenizer: only the masking differs
+    speed = {1.0: ms_per_step(default)}
+    for keep in sorted({k for k, _ in FLIP_ROWS}):
+        probe_dir = os.path.join(root, f"speed{keep}")
+        subprocess.run([sys.executable, "train.py", "--out_dir", probe_dir, "--keep_ratio", str(keep), "--steps", "60",
+                        "--warmup", "10", "--log_every", "20", "--eval", "false", *dvae, *seed], check=True,
+                       stdout=subprocess.DEVNULL)
+        speed[keep] = ms_per_step(probe_dir)
+    for keep, tuned in tqdm(FLIP_ROWS, desc="FLIP rows"):
+        tune = round(0.1 * budget / speed[1.0]) if tuned else 0
+        n = round((budget - tune * speed[1.0]) / speed[keep])
+        row = f"FLIP keep {keep:g}, {n} steps{f' + {tune} unmasked' if tuned else ''} (equal time)"
+        results[row] = train_and_eval(os.path.join(root, f"flip{keep}{'t' if tuned else ''}"),
+                                      ["--keep_ratio", str(keep), "--steps", str(n), "--unmasked_steps", str(tune),
+                                       *dvae, *seed])
+    print(f"\nseed {args.seed}; training time of each FLIP row: {budget / 1e3:.0f} s; ms/step by keep ratio: "
+          + ", ".join(f"{k:g}: {v:.0f}" for k, v in speed.items()))
+    print("\n| run | " + " | ".join(COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|")
+    for row, r in results.items():
+        print(f"| {row} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in COLUMNS) + " |")
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump({"seed": args.seed, "budget_ms": budget, "ms_per_step": speed, "results": results}, f, indent=1)
+    return results
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, default, text in [
@@ -230,12 +304,18 @@ def parse_args(argv):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. text_len=64")
     p.add_argument("--peer", action="store_true", help="also time Hugging Face's FlavaForPreTraining (transformers)")
     p.add_argument("--compile", action="store_true", help="torch.compile our step (the peer stays eager)")
+    p.add_argument("--ablate", action="store_true", help="run the papers' ablations (trains 9 models; see ablate())")
+    p.add_argument("--ablate_dir", default="runs/ablate", help="where the ablation runs go")
+    p.add_argument("--ablate_steps", type=int, default=0, help="joint steps of each ablation run (0: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="the ablation runs' seed")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ablate:
+        return ablate(args)
     device, cases, sets = torch.device(args.device), args.cases.split(","), dict(kv.split("=", 1) for kv in args.set)
     kinds = {k: type(getattr(M.ModelConfig, k)) for k in sets}
     cfg = M.ModelConfig.from_preset(args.preset, **{k: v == "true" if kinds[k] is bool else kinds[k](v)

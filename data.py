@@ -39,8 +39,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SOURCES = ("pairs", "images", "texts")
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # in the order of Tokenizer.special_ids
 MAX_SKIPS = 50  # consecutive unreadable files before a dataset gives up
-# BERT's basic tokenizer: a run of letters/digits is a word; any other visible character is a token
-_WORD = re.compile(r"[^\W_]+|\S")
+# BERT's basic tokenizer (uncased), whose ids a BERT vocab.txt expects: control and format characters
+# (Unicode C*, e.g. U+200B) deleted, white space split, CJK ideographs one word each, lower case, accents
+# stripped, and every punctuation character (Unicode P*, and every ASCII symbol) a word of its own.
+_ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+_ASCII_CONTROLS = {c: None for c in (*range(32), 127) if chr(c) not in "\t\n\r"}  # str.translate deletes them
+_SPLIT_CONTROLS = dict.fromkeys(map(ord, "\x0b\x0c\x1c\x1d\x1e\x1f\x85"))  # deleted by BERT, split on by str.split
+_CJK = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2CEAF),
+        (0x2F800, 0x2FA1F))  # the code point ranges of BERT's _is_chinese_char
 
 
 def _strip_accents(word):
@@ -49,7 +55,31 @@ def _strip_accents(word):
 
 
 def _words(text):
-    return [w for w in map(_strip_accents, _WORD.findall(text.lower())) if w]
+    """The words of BERT's basic tokenizer, lazily (a 25,000-character line need not be split whole)."""
+    if text.isascii():  # the common case, at C speed: the same rules restricted to ASCII
+        yield from (m.group() for m in _ASCII_WORD.finditer(text.translate(_ASCII_CONTROLS).lower()))
+        return
+    for chunk in text.translate(_SPLIT_CONTROLS).split():  # str.split(): every Unicode space, as BERT's
+        yield from _chunk_words(chunk)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_words(chunk):
+    """BERT's rules within a run of non-space characters (cached: text repeats its words)."""
+    kept, words = [], []
+    for c in chunk:
+        if unicodedata.category(c)[0] != "C" and c != "\ufffd":  # control, format, private, unassigned: deleted
+            kept += (" ", c, " ") if any(lo <= ord(c) <= hi for lo, hi in _CJK) else (c,)
+    for token in "".join(kept).split():  # (BERT's NFC here changes nothing: _strip_accents' NFD undoes it)
+        word = ""
+        for c in _strip_accents(token.lower()):
+            if c.isascii() and not c.isalnum() or unicodedata.category(c)[0] == "P":
+                words += (word, c) if word else (c,)
+                word = ""
+            else:
+                word += c
+        words += (word,) if word else ()
+    return tuple(words)
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +139,7 @@ class Tokenizer:
     def _word_ids(self, raw):
         ids = self._cache.get(raw)
         if ids is None:
-            word, ids, start = _strip_accents(raw), [], 0
+            word, ids, start = raw, [], 0
             if len(word) > 100:  # BERT's limit; it also keeps the quadratic matching below cheap
                 word, ids = "", [self.unk_id]
             while start < len(word):  # greedy longest match first; continuations carry '##'
@@ -132,8 +162,8 @@ class Tokenizer:
         rows = []
         for text in [texts] if isinstance(texts, str) else texts:
             pieces = [self.cls_id]
-            for match in _WORD.finditer(text.lower()):  # lazy: a 25,000-character line stops early
-                pieces += self._word_ids(match.group())
+            for word in _words(text):  # lazy: a 25,000-character line stops early
+                pieces += self._word_ids(word)
                 if len(pieces) >= length - 1:
                     break
             rows.append(pieces[: length - 1] + [self.sep_id])  # truncation keeps [SEP]
@@ -269,6 +299,39 @@ class ShapesWorld:
         prefix = rng.choice(self.PREFIXES)
         return (prefix + " " if prefix else "") + text + rng.choice(("", "."))
 
+    OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                "below": "above"}
+
+    def hard_negative(self, scene, caption, rng):
+        """The caption with exactly one attribute made false: one object's colour, shape or size, or the
+        stated relation turned around -> (text, kind). An ITM model must then check every word against
+        the image; a random other caption differs in several at once. A changed phrase names no object
+        of the scene (a colour or shape swapped for one that no object has in that combination)."""
+        shape_of = {w: s for s, words in self.SHAPE_WORDS.items() for w in words}
+        size_of = {w: s for s, words in self.SIZE_WORDS.items() for w in words}
+        phrase = re.compile(rf"a (?:({'|'.join(size_of)}) )?({'|'.join(self.COLOURS)}) ({'|'.join(shape_of)})\b")
+        present = {(o["colour"], o["shape"], o["size"]) for o in scene["objects"]}
+        options = []  # (kind, start, end, replacement)
+        for m in phrase.finditer(caption):
+            colour, shape = m[2], shape_of[m[3]]
+            options += [("colour", *m.span(2), c) for c in self.COLOURS
+                        if not any((c, shape) == p[:2] for p in present)]
+            options += [("shape", *m.span(3), rng.choice(self.SHAPE_WORDS[s])) for s in self.SHAPES
+                        if not any((colour, s) == p[:2] for p in present)]
+            sizes = {p[2] for p in present if p[:2] == (colour, shape)}
+            if len(sizes) == 1:  # the phrase's object has one size: name the other one
+                wrong = rng.choice(self.SIZE_WORDS["large" if sizes == {"small"} else "small"])
+                options.append(("size", *m.span(1), wrong) if m[1] else ("size", m.start(2), m.start(2), wrong + " "))
+        for rel, opposite in self.OPPOSITE.items():
+            if f" {rel} " in caption:
+                at = caption.index(f" {rel} ") + 1
+                options.append(("relation", at, at + len(rel), opposite))
+        by_kind = collections.defaultdict(list)
+        for option in options:
+            by_kind[option[0]].append(option)
+        kind, start, end, new = rng.choice(by_kind[rng.choice(sorted(by_kind))])  # a kind, then one of its changes
+        return caption[:start] + new + caption[end:], kind
+
     def answers(self):
         """Every answer questions() can give: the label set of the synthetic VQA task."""
         return [*self.COLOURS, *self.SHAPES, "yes", "no", *map(str, range(1, self.max_objects + 1))]
@@ -333,21 +396,24 @@ def _crop_box(w, h, train, rng):
     return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
 
 
-def image_transform(img, size, train, rng=None):
-    """PIL image (any mode, any size) -> uint8 (3, size, size): a crop, then one bicubic resize."""
+def image_transform(img, size, train, rng=None, squash=False):
+    """PIL image (any mode, any size) -> uint8 (3, size, size): a crop, then one bicubic resize. squash (for
+    evaluation): the whole image, aspect lost, as Hugging Face's FlavaImageProcessor prepares FLAVA's input."""
     img = _to_rgb(img)
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=_crop_box(*img.size, train, rng or random))
+    box = (0, 0, *img.size) if squash and not train else _crop_box(*img.size, train, rng or random)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, size, size)
 
 
-def read_image(path, size, train, rng=None):
+def read_image(path, size, train, rng=None, squash=False):
     """Open, decode fully (so a truncated file fails here, inside the caller's try) and transform."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error, not a warning
         with Image.open(path) as img:
-            img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
+            if not squash:  # (squash copies Hugging Face's pixels, so decodes at full scale as it does)
+                img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
             img.load()
-            return image_transform(img, size, train, rng)
+            return image_transform(img, size, train, rng, squash)
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +459,8 @@ class SyntheticTexts(SyntheticPairs):
 class _SkipBadFiles:
     """load(i) reads file i; an unreadable file is skipped for i+1, i+2, ... (deterministically), and the
     sample lists every (path, reason) it skipped, so that the trainer can count them."""
+
+    squash = False  # evaluation resizes the whole image to a square (see image_transform), not its central crop
 
     def __len__(self):
         return len(self.files)
@@ -527,7 +595,8 @@ class FilePairs(_SkipBadFiles):
     def _read(self, i, rng=None):
         file, caption = self.pair(i)
         ids, attn = self.tokenizer.encode(caption, self.text_len)
-        return {"image": read_image(file, self.image_size, self.train, rng), "ids": ids[0], "attn": attn[0]}
+        image = read_image(file, self.image_size, self.train, rng, self.squash)
+        return {"image": image, "ids": ids[0], "attn": attn[0]}
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -552,7 +621,8 @@ class ImageFolder(_SkipBadFiles):
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
 
     def _read(self, i, rng=None):
-        return {"image": read_image(self.files[i], self.image_size, self.train, rng), "label": self.labels[i]}
+        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash),
+                "label": self.labels[i]}
 
 
 class TextFile:

@@ -16,7 +16,8 @@ tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation
 
     python eval.py --ckpt out/ckpt.pt          # one table, out/eval.json and the figures out/*.png
     python eval.py --ckpt out/ckpt.pt --pairs held_out.jsonl --classes photos/ --texts labelled.tsv
-    python -m pytest tests/test_eval.py
+    python eval.py --hf flava-full --classes imagenet/val --class_names names.tsv   # the published FLAVA
+    python -m pytest tests/test_eval.py tests/test_pretrained.py
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ from PIL import Image, ImageDraw
 import data
 import masking
 from losses import codebook_stats
-from model import load_checkpoint, models_from_checkpoint
+from model import load_checkpoint, models_from_checkpoint, pretrained_checkpoint
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
 PROMPTS = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.")  # real classes
@@ -90,6 +91,88 @@ def fused_features(model, tokenizer, images, at, texts, device, autocast, batch=
             cls.append(mm[:, 0].float())
             itm.append(model.itm_head(mm[:, 0]).float())
     return torch.cat(cls).cpu(), torch.cat(itm).cpu()  # (n, D), (n, 2)
+
+
+@torch.no_grad()
+def masked_predictions(model, images, ids, attn, patch_masked, device, autocast, batch=256):
+    """Training's masked pass, frozen: images uint8 (n, 3, S, S) with the patches in patch_masked (n, P)
+    replaced by the mask token (None: none), text ids (n, L) that may hold [MASK] -> the top-1 code of MIM
+    (image encoder alone) and of MMM-image (multimodal encoder) at every patch, (n, P) each, and the top-1
+    word of MMM-text at every text position, (n, L)."""
+    out, P, L = {"mim": [], "mmm_image": [], "mmm_text": []}, model.cfg.num_patches, ids.size(1)
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(device).float() / 255  # (B, 3, S, S) in [0, 1]
+        hidden = None if patch_masked is None else patch_masked[i : i + batch].to(device)  # (B, P)
+        a = attn[i : i + batch].to(device)  # (B, L)
+        with autocast:
+            image_hidden, image_out = model.encode_image(x, patch_masked=hidden)  # 2 x (B, N, D)
+            mm = model.encode_multimodal(image_hidden, model.encode_text(ids[i : i + batch].to(device), a)[0], a)
+            out["mim"].append(model.mim_head(image_out[:, 1:]).argmax(-1).cpu())  # (B, P)
+            out["mmm_image"].append(model.mmm_image_head(mm[:, 2 : 2 + P]).argmax(-1).cpu())  # (B, P)
+            out["mmm_text"].append(model.mmm_text_head(mm[:, -L:]).argmax(-1).cpu())  # (B, L)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def auc(pos, neg):
+    """Area under the ROC curve: the chance that a positive scores above a negative, ties counting half
+    (Mann-Whitney). 0.5 is a model that cannot tell them apart, whatever its threshold."""
+    diff = pos[:, None] - neg[None, :]  # (n_pos, n_neg)
+    return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
+
+
+def itm_metrics(model, tokenizer, images, captions, scenes, world, device, autocast):
+    """ITM on held-out pairs: every pair matched, and with a random other pair's caption where that differs,
+    a balanced set: itm_acc (argmax) and itm_auc (score = match logit - no-match logit). With the scene
+    graphs, also each pair against its caption with one attribute made false (data.ShapesWorld.hard_negative):
+    itm_auc_hard, and per kind of change (colour, shape, size, relation)."""
+    n, rng = len(captions), random.Random(0)
+    partner = [(j + rng.randrange(1, n)) % n for j in range(n)]  # uniform over the other pairs
+    wrong = [j for j in range(n) if captions[partner[j]] != captions[j]]
+    hard = [world.hard_negative(s, c, random.Random(f"hard/{j}")) for j, (s, c) in enumerate(zip(scenes, captions))]
+    texts = captions + [captions[partner[j]] for j in wrong] + [text for text, _ in hard]
+    at = torch.tensor([*range(n), *wrong, *range(len(hard))])  # the image each text is paired with
+    logits = fused_features(model, tokenizer, images, at, texts, device, autocast)[1]  # (m, 2)
+    score = logits[:, 1] - logits[:, 0]  # (m,)
+    pos, neg, hard_score = score[:n], score[n : n + len(wrong)], score[n + len(wrong) :]
+    results = {"itm_acc": mean(logits[: n + len(wrong)].argmax(1) == (torch.arange(n + len(wrong)) < n).long()),
+               "itm_auc": auc(pos, neg)}
+    if hard:
+        results["itm_auc_hard"] = auc(pos, hard_score)
+        kinds = [kind for _, kind in hard]
+        for kind in ("colour", "shape", "size", "relation"):  # against the positives of the same images
+            pick = torch.tensor([k == kind for k in kinds])
+            results[f"itm_auc_hard_{kind}"] = auc(pos[:len(hard)][pick], hard_score[pick])
+    return results
+
+
+def fusion_metrics(model, dvae, tokenizer, world, images, captions, mask_ratio, device, autocast):
+    """Does fusion fuse? With the synthetic world: MMM-text's top-1 on the colour words (even rows) or the
+    shape words (odd rows) of held-out captions, all of them masked, counted right when it names the same
+    colour or shape (synonyms too); with the image (mmm_attr_acc) and with the blank mean image
+    (mmm_attr_acc_blank): only a model that reads the image can beat the text's own hints. On any pairs:
+    the codes of BEiT-masked patches predicted by MMM-image (with the caption) and by MIM (the image alone),
+    beside always answering the most frequent code (code_majority_acc)."""
+    cfg, n = model.cfg, len(captions)
+    ids, attn = tokenizer.encode(captions, cfg.text_len)  # (n, L)
+    gen = torch.Generator().manual_seed(0)
+    hidden = masking.block_mask(n, cfg.grid, max(1, round(mask_ratio * cfg.num_patches)), generator=gen)  # (n, P)
+    codes = dvae.codebook_indices(images.to(device).float() / 255).cpu()[hidden]  # (n_hidden,)
+    pred = masked_predictions(model, images, ids, attn, hidden, device, autocast)
+    results = {"mmm_image_acc": mean(pred["mmm_image"][hidden] == codes), "mim_acc": mean(pred["mim"][hidden] == codes),
+               "code_majority_acc": codes.bincount().max().item() / len(codes)}
+    if world is None:
+        return results
+    words = [{tokenizer.index[w]: w for w in world.COLOURS if w in tokenizer.index},  # id -> what it names
+             {tokenizer.index[w]: s for s, ws in world.SHAPE_WORDS.items() for w in ws if w in tokenizer.index}]
+    asked = torch.tensor([[t in words[r % 2] for t in row] for r, row in enumerate(ids.tolist())])  # (n, L)
+    blank = images.float().mean(0, keepdim=True).round().byte().expand_as(images)  # (n, 3, S, S) the mean image
+    for name, pictures in (("mmm_attr_acc", images), ("mmm_attr_acc_blank", blank)):
+        said = masked_predictions(model, pictures, ids.masked_fill(asked, tokenizer.mask_id), attn, None, device,
+                                  autocast)["mmm_text"]  # (n, L)
+        right = [words[r % 2].get(p) == words[r % 2][t] for r, (row, guess) in enumerate(zip(ids.tolist(), said.tolist()))
+                 for t, p in zip(row, guess) if t in words[r % 2]]
+        results[name] = mean(torch.tensor(right))
+    return results
 
 
 def recall_at_k(sim, ks=(1, 5, 10), correct=None):
@@ -172,8 +255,9 @@ def render(world, scenes):
 
 
 def synthetic_pairs(world, n):
+    """n held-out scenes -> their images (n, 3, S, S), captions, and the scenes (for the hard negatives)."""
     scenes = [world.scene("val", FIRST["pairs"] + i) for i in range(n)]
-    return render(world, scenes), [world.caption(s, random.Random(f"eval/{i}")) for i, s in enumerate(scenes)]
+    return render(world, scenes), [world.caption(s, random.Random(f"eval/{i}")) for i, s in enumerate(scenes)], scenes
 
 
 def synthetic_classification_set(world, per_class=20):
@@ -243,6 +327,41 @@ def labelled_texts(ds):
     return [t for _, t in rows], torch.tensor([names.index(label) for label, _ in rows])
 
 
+def read_class_names(path, folders):
+    """--class_names: the name of each class sub-folder (a WordNet id, say), from 'folder<TAB>name' lines or a
+    JSON object {folder: name} (or ImageNet's {index: [folder, name]})."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        table = {v[0] if isinstance(v, list) else k: v[-1] if isinstance(v, list) else v
+                 for k, v in json.loads(text).items()}
+    else:
+        table = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    table = {k.strip().replace("_", " "): v.strip() for k, v in table.items()}  # as data.ImageFolder names folders
+    missing = [folder for folder in folders if folder not in table]
+    if missing:
+        raise ValueError(f"{path} names no class for the sub-folder(s) {missing[:5]} ({len(missing)} in all)")
+    return [table[folder] for folder in folders]
+
+
+def held_out_files(args, tokenizer, cfg, squash):
+    """--pairs as a data.FilePairs, --classes as a data.ImageFolder (None when not given), its classes named by
+    --class_names, and the templates of --prompts (one a line, {} for the class name; default PROMPTS). squash:
+    a published model's own resizing (Hugging Face's FLAVA: the whole image to a square)."""
+    pairs = data.FilePairs(args.pairs, cfg.image_size, tokenizer, cfg.text_len, train=False) if args.pairs else None
+    classes, prompts = data.ImageFolder(args.classes, cfg.image_size, train=False) if args.classes else None, PROMPTS
+    for files in (f for f in (pairs, classes) if f is not None):
+        files.squash = squash
+    if classes is not None and args.class_names:
+        classes.classes = read_class_names(args.class_names, classes.classes)
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [t.strip() for t in f if "{}" in t]
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
+    return pairs, classes, prompts
+
+
 def zero_shot(model, tokenizer, images, labels, held, names, templates, device, autocast, drops=()):
     """Top-1 of the prompt ensemble on the images of classes seen in training, and apart on those of held-out
     ones (held (n,) bool); then with each share of the patches in drops (%) dropped (FLIP's question)."""
@@ -265,7 +384,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
     results = zero_shot(model, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
                         device, autocast)
     if n_pairs:
-        images, captions = synthetic_pairs(world, n_pairs)
+        images, captions, _ = synthetic_pairs(world, n_pairs)
         sim = image_features(model, images, device, autocast)[1] @ text_features(model, tokenizer, captions, device,
                                                                                  autocast)[1].T  # (n, n)
         results.update(retrieval(sim, captions=captions), retrieval_pairs=n_pairs)
@@ -273,7 +392,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
 
 
 def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
-             pairs=None, classes=None, texts=None):
+             pairs=None, classes=None, texts=None, prompts=PROMPTS, mask_ratio=0.383):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
     replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
     check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
@@ -283,29 +402,32 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
     def run(fn, *args, **kwargs):  # a frozen pass of this model
         return fn(model, *args, device=device, autocast=autocast, **kwargs)
 
-    # ---- retrieval and ITM -----------------------------------------------------------------------
-    skipped = 0
-    if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
-        images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
-        skipped += pairs.num_skipped
-    else:
-        images, captions = synthetic_pairs(world, n_pairs)
-        image_of = torch.arange(len(captions))
-    sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
-    results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
-               "retrieval_images": len(images)}
-    n, said = len(captions), set(zip(image_of.tolist(), captions))  # ITM: every caption with its image, and
-    wrong = [t for t in range(n) if (image_of[t].item(), captions[(t + 1) % n]) not in said]  # with the next
-    itm = run(fused_features, tokenizer, images, torch.cat([image_of, image_of[wrong]]),  # one where that is wrong
-              captions + [captions[(t + 1) % n] for t in wrong])[1].argmax(1)  # (n + n_wrong,)
-    results["itm_acc"] = mean(itm == torch.tensor([1] * n + [0] * len(wrong)))
-    shown = {"images": images, "captions": captions, "sim": sim, "image_of": image_of}
+    # ---- retrieval, ITM and fusion (with neither pairs nor a world, e.g. only --classes: none) -------------
+    results, shown, skipped, scenes = {}, {}, 0, []
+    if pairs is not None or world is not None:
+        if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
+            images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
+            skipped += pairs.num_skipped
+        else:
+            images, captions, scenes = synthetic_pairs(world, n_pairs)
+            image_of = torch.arange(len(captions))
+        sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
+        results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
+                   "retrieval_images": len(images)}
+        first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
+        one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
+        results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
+        if dvae is not None:
+            results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
+                           mask_ratio)
+        shown = {"images": images, "captions": captions, "sim": sim, "image_of": image_of}
     # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
     if classes is not None:
         zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
         labels, skipped = torch.tensor([s["label"] for _, s in good]), skipped + bad
         results |= run(zero_shot, tokenizer, zs_images, labels, torch.zeros(len(labels), dtype=torch.bool),
-                       classes.classes, PROMPTS, drops=DROPS)
+                       classes.classes, prompts, drops=DROPS)
+        shown.setdefault("images", zs_images)  # what the tokenizer check and the figures use without pairs
         cls = run(image_features, zs_images)[0]  # (n, D)
         results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
     elif world is not None:
@@ -349,13 +471,27 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
             results[f"vqa_{name}"] = mean(correct)
             for kind in QUESTION_TYPES.values():
                 results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
-    # ---- the dVAE ------------------------------------------------------------------------------------
-    x = images[:256].to(device).float() / 255  # (n, 3, S, S)
-    codes = dvae.codebook_indices(x)  # (n, P)
-    stats = codebook_stats(codes, dvae.codebook.num_embeddings)
-    results.update(dvae_recon_mse=F.mse_loss(dvae.decode_indices(codes), x).item(),
-                   dvae_perplexity=stats["perplexity"], dvae_codes_used=stats["used"], skipped_files=skipped)
+    # ---- the image tokenizer: reconstruction from the hard codes beside the mean image, code use ------------
+    if "images" in shown:
+        results |= tokenizer_health(dvae, shown["images"].to(device).float() / 255, model.cfg.codebook_size)
+    results["skipped_files"] = skipped
     return results, shown
+
+
+def tokenizer_health(dvae, x, codebook_size):
+    """The image tokenizer on images x (n, 3, S, S) in [0, 1]: hard-code reconstruction error (when it has a
+    decoder: DALL-E's published encoder has none), codebook perplexity and share of codes used."""
+    if dvae is None:
+        print("no image tokenizer in this checkpoint: no codebook statistics")
+        return {}
+    codes = dvae.codebook_indices(x)  # (n, P)
+    stats, results = codebook_stats(codes, codebook_size), {}
+    if hasattr(dvae, "decode_indices"):  # the error of the hard codes beside that of always drawing the mean image
+        results["dvae_recon_mse"] = F.mse_loss(dvae.decode_indices(codes), x).item()
+        results["dvae_mean_image_mse"] = F.mse_loss(x.mean(0, keepdim=True).expand_as(x), x).item()
+    else:
+        print("the image tokenizer (DALL-E's encoder, as published) has no decoder: no reconstruction error")
+    return {**results, "dvae_perplexity": stats["perplexity"], "dvae_codes_used": stats["used"]}
 
 # ---------------------------------------------------------------------------------------------
 # Pictures (PIL only)
@@ -417,14 +553,15 @@ def loss_curves(log_path, W=280, H=150, m=28):
 @torch.no_grad()
 def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, device="cpu"):
     """retrieval.png, masks.png, dvae.png and (with a log) loss_curves.png in out_dir -> their paths."""
-    images, captions, sim, cfg, figures = shown["images"], shown["captions"], shown["sim"], model.cfg, {}
-    # text -> image retrieval: captions beside their top-5 images, the true one framed green
-    queries, true = range(min(4, len(captions))), shown["image_of"].tolist()
-    top = [sim[:, q].topk(min(5, len(images))).indices for q in queries]  # each (5,)
-    rank = [int((sim[:, q] >= sim[true[q], q]).sum()) for q in queries]  # ties count against, as in recall_at_k
-    figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
-        f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
-        frames=[(40, 160, 60) if i == true[q] else (200, 200, 200) for q in queries for i in top[q].tolist()])
+    images, cfg, figures = shown["images"], model.cfg, {}
+    if "sim" in shown:  # text -> image retrieval: captions beside their top-5 images, the true one framed green
+        captions, sim, true = shown["captions"], shown["sim"], shown["image_of"].tolist()
+        queries = range(min(4, len(captions)))
+        top = [sim[:, q].topk(min(5, len(images))).indices for q in queries]  # each (5,)
+        rank = [int((sim[:, q] >= sim[true[q], q]).sum()) for q in queries]  # ties count against, as in recall_at_k
+        figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
+            f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
+            frames=[(40, 160, 60) if i == true[q] else (200, 200, 200) for q in queries for i in top[q].tolist()])
     # what the model sees: BEiT's block mask (MIM / MMM, grey) and FLIP's 50% drop (contrastive pass, black)
     gen, shows = torch.Generator().manual_seed(0), []
     for image in images[:3]:
@@ -434,9 +571,13 @@ def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, de
         shows += [image, hide(image, masked, cfg.patch_size, (128,) * 3), hide(image, dropped, cfg.patch_size, (0,) * 3)]
     figures["masks.png"] = tiles(torch.stack(shows), 3, scale=3, title="input | BEiT block mask | FLIP 50% drop")
     # dVAE: inputs above their reconstructions from the hard codes
-    x = images[:8].to(device).float() / 255  # (8, 3, S, S)
-    recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
-    figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x), title="inputs, and their dVAE reconstructions")
+    if hasattr(dvae, "decode_indices"):
+        x = images[:8].to(device).float() / 255  # (8, 3, S, S)
+        recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
+        figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x),
+                                    title="inputs, and their dVAE reconstructions")
+    else:
+        print("dvae.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
     figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
     figures = {os.path.join(out_dir, name): picture for name, picture in figures.items() if picture is not None}
     for path, picture in figures.items():
@@ -455,10 +596,13 @@ def format_table(results) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--ckpt", default="", help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--hf", default="", help="instead of --ckpt: a Hugging Face FLAVA folder (facebook/flava-full)")
     parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
     parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
     parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
+    parser.add_argument("--class_names", default="", help="--classes' sub-folder names (e.g. WordNet ids): TSV or JSON")
+    parser.add_argument("--prompts", default="", help="zero-shot templates, one a line with {} (CLIP has 80 for ImageNet)")
     parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
     parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
@@ -467,34 +611,37 @@ def main(argv=None):
     parser.add_argument("--n_probe", type=int, default=2000, help="samples per probe, VQA scenes, most files read")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
     args = parser.parse_args(argv)
+    if bool(args.ckpt) == bool(args.hf):
+        parser.error("give one of --ckpt and --hf")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     t0, device = time.time(), torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
     low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
     try:  # every input is opened, or refused with a message, before any compute
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = pretrained_checkpoint(args.hf) if args.hf else load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
         S, L = model.cfg.image_size, model.cfg.text_len
-        trained_on = train_cfg.get("pairs") or train_cfg.get("shards")  # files, not the synthetic world
-        world = None if trained_on else data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0))
-        pairs = data.FilePairs(args.pairs, S, tokenizer, L, train=False) if args.pairs else None
-        classes = data.ImageFolder(args.classes, S, train=False) if args.classes else None
+        files = train_cfg.get("pairs") or train_cfg.get("shards")  # trained on files, or published: real data
+        synthetic = not files and "converted_from" not in ckpt
+        world = data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0)) if synthetic else None
+        pairs, classes, prompts = held_out_files(args, tokenizer, model.cfg, ckpt.get("preprocess") == "squash")
         texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
         if texts is not None:
             labelled_texts(texts)
-        if world is None and pairs is None:
-            raise ValueError(f"{args.ckpt} was trained on {trained_on}, not on the synthetic world: "
-                             "give held-out pairs with --pairs (and --classes / --texts for more tasks)")
+        if world is None and pairs is None and classes is None:
+            raise ValueError(f"{args.ckpt or args.hf} was not trained on the synthetic world: give held-out pairs "
+                             "with --pairs and/or an image folder with --classes (and --texts for more tasks)")
     except (FileNotFoundError, ValueError) as e:  # one line naming the path and what was expected, as argparse
         print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
-                              args.n_probe, pairs, classes, texts)
-    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    os.makedirs(out_dir := args.out_dir or ckpt_dir, exist_ok=True)
-    log, mask_ratio = os.path.join(ckpt_dir, "log.jsonl"), ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
+                              args.n_probe, pairs, classes, texts, prompts, mask_ratio)
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
+    os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
+    log = os.path.join(ckpt_dir, "log.jsonl") if ckpt_dir else ""
     figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")

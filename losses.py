@@ -7,14 +7,12 @@ FLAVA (arXiv 2112.04482) §3.2 trains image-text pairs with three multimodal obj
   each masked token from the multimodal encoder;
 - image-text matching (ITM): say from [CLS_M] whether image and caption belong together;
 and §3.3 adds the unimodal MIM (image-only batches) and MLM (text-only batches). FLIP (arXiv
-2212.00794) makes the contrastive pass cheap by dropping patches. The dVAE's own loss (DALL-E,
-arXiv 2102.12092) is here too. Exercise it with `python -m pytest tests/test_losses.py`.
+2212.00794) makes the contrastive pass cheap by dropping patches. Exercise it with `python -m pytest tests/test_losses.py`.
 
 Shapes follow model.py's legend. All masked-prediction losses ignore label -100 and are 0, not
 NaN, when nothing is masked. Every tensor keeps a static shape (no boolean indexing), so a step
 never waits on the GPU to know how many tokens were masked.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +88,7 @@ def contrastive_loss(image_emb, text_emb, logit_scale, backprop: str = "global")
 
 
 # ---------------------------------------------------------------------------------------------
-# Masked prediction (MIM, MLM, MMM), ITM and the dVAE's loss
+# Masked prediction (MIM, MLM, MMM), ITM and the codebook's health
 # ---------------------------------------------------------------------------------------------
 
 
@@ -117,15 +115,6 @@ def itm_loss(logits, labels):
     return F.cross_entropy(logits, labels)  # (B, 2) vs (B,) with 1 = matched, 0 = swapped
 
 
-def dvae_loss(recon, images01, logits, kl_weight: float):
-    """Reconstruction MSE plus kl_weight * KL(q || uniform) per grid cell, where q is the encoder's
-    softmax over the codebook: the uniform prior of DALL-E §2.1, which keeps codes in use."""
-    recon_loss = F.mse_loss(recon.float(), images01.float())
-    logq = logits.float().log_softmax(dim=1)  # (B, C, G, G)
-    kl = (logq.exp() * (logq + math.log(logits.size(1)))).sum(dim=1).mean()
-    return {"loss": recon_loss + kl_weight * kl, "recon": recon_loss, "kl": kl}
-
-
 @torch.no_grad()
 def codebook_stats(codes, codebook_size: int):
     """Health of a codebook from a batch of codes: share of codes used and perplexity
@@ -148,6 +137,7 @@ class LossConfig:
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
     mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
     itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
+    itm_pass: str = "masked"  # what ITM reads: "masked" = the masked pass (FLAVA); "unmasked" = the contrastive pass's states
     masked_fraction: float = 0.125  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
@@ -271,44 +261,62 @@ class FLAVALoss(nn.Module):
         # FLIP: the patches the contrastive pass keeps (none dropped at keep_ratio 1: FLAVA).
         keep_idx = masking.random_keep(B, P, c.keep_ratio, device=ids.device, generator=gen) if c.keep_ratio < 1 \
             else None  # (B, K)
-        # The masked pass may run on the first n rows only (masked_fraction): the contrastive loss
-        # gains from every extra negative, MMM and ITM much less, and the masked pass costs more.
         n = max(1, round(B * c.masked_fraction))
-        # ITM negatives: swap a share of captions for another sample's caption. The partner is
-        # uniform over the *other* rows; the label is 0 only if the swapped caption really differs.
         swap = torch.rand(n, device=ids.device, generator=gen) < c.itm_neg_prob  # (n,)
-        partner = (torch.arange(n, device=ids.device) + torch.randint(1, max(B, 2), (n,), device=ids.device,
-                                                                     generator=gen)) % B  # (n,), != own row
-        swap = swap & (ids[partner] != ids[:n]).any(dim=1)
-        mm_ids = torch.where(swap[:, None], ids[partner], ids[:n])  # (n, L)
+        pick = torch.rand(n, device=ids.device, generator=gen)  # (n,) where each negative falls in its partner CDF
         patch_masked = self._block_mask(n, gen_cpu, ids.device)  # (n, P) BEiT blocks
+        if c.itm_pass == "masked":  # FLAVA: the masked pass carries the swapped captions
+            partner = (torch.arange(n, device=ids.device) + torch.randint(1, max(B, 2), (n,), device=ids.device,
+                                                                         generator=gen)) % B
+            swap = swap & (ids[partner] != ids[:n]).any(dim=1)
+            mm_ids = torch.where(swap[:, None], ids[partner], ids[:n])  # (n, L)
+            mm_attn = torch.where(swap[:, None], attn[partner], attn[:n])
+        else:
+            mm_ids, mm_attn = ids[:n], attn[:n]
         masked_ids, text_labels = self._text_mask(mm_ids, gen)  # (n, L), (n, L) BERT 80/10/10
-        return {"keep_idx": keep_idx, "matched": ~swap, "mm_attn": torch.where(swap[:, None], attn[partner], attn[:n]),
+        return {"keep_idx": keep_idx, "swap": swap, "pick": pick, "mm_attn": mm_attn,
                 "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
+
+    def itm_unmasked(self, image_hidden, text_hidden, ids, attn, swap, pick):
+        """ITM from the contrastive pass's unmasked states (ALBEF's place for it): row i's image with its own
+        caption, or (swap) with another row's, drawn uniformly among the rows whose caption differs, so that
+        label 0 is always a mismatch. Only the fusion layers run again. (ALBEF's hard negatives, drawn by
+        contrastive similarity, picked mostly *false* negatives here: another wording of the same scene, such
+        as "a red disc" for "there is a red circle"; ITM then stayed at chance, itm_auc 0.49.)"""
+        n, B = swap.size(0), ids.size(0)
+        with torch.no_grad():
+            differs = (ids[:n, None] != ids[None]).any(-1)  # (n, B) a caption other than row i's own
+            cdf = differs.float().cumsum(-1)  # (n, B)
+            partner = torch.searchsorted(cdf, (pick * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=B - 1)  # (n,)
+            swap = swap & differs.any(-1)
+            cap = torch.where(swap, partner, torch.arange(n, device=ids.device))  # (n,)
+        mm = self.model.encode_multimodal(image_hidden[:n], text_hidden[cap], attn[cap])  # (n, M, D)
+        return itm_loss(self.model.itm_head(mm[:, 0]), (~swap).long())
 
     def pairs(self, images_u8, ids, attn, draws):
         m, c = self.model, self.cfg
-        B, P, L = ids.size(0), m.cfg.num_patches, ids.size(1)
+        P, L = m.cfg.num_patches, ids.size(1)
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
 
         # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
-        image_out = m.encode_image(images, keep_idx=draws["keep_idx"])[1]  # (B, 1 + K, D)
-        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
-        gc = contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale, c.backprop)
-        # Every contrastive row is a true pair: the ITM negatives (draw_pairs) are made inside this
-        # step, after the contrastive pass, instead of in the data (where TorchMultimodal makes them
-        # and must then drop them from the contrastive rows).
+        image_hidden, image_out = m.encode_image(images, keep_idx=draws["keep_idx"])  # 2 x (B, 1 + K, D)
+        text_hidden, text_out = m.encode_text(ids, attn)  # 2 x (B, L, D)
+        image_emb, text_emb = m.image_embed(image_out), m.text_embed(text_out)  # (B, E) each
+        gc = contrastive_loss(image_emb, text_emb, m.logit_scale, c.backprop)
 
-        # 2. The masked pass on the first n rows: BEiT-masked image + BERT-masked text (with the ITM
-        # negatives' captions swapped in) through both encoders and the fusion.
-        patch_masked, matched = draws["patch_masked"], draws["matched"]  # (n, P), (n,): True for a real pair
-        mm_attn = draws["mm_attn"]  # (n, L)
-        n = matched.size(0)
+        # 2. The masked pass on the first n rows: BEiT-masked image + BERT-masked text through both encoders
+        # and the fusion (with FLAVA's ITM negatives' captions swapped in when ITM reads this pass).
+        patch_masked, swap = draws["patch_masked"], draws["swap"]  # (n, P), (n,)
+        mm_attn, n = draws["mm_attn"], swap.size(0)  # (n, L)
         images, codes = images[:n], self.dvae.codebook_indices(images[:n])  # (n, 3, S, S), (n, P)
-        image_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
-        text_hidden = m.encode_text(draws["masked_ids"], mm_attn)[0]  # (n, L, D) pre-LN
-        mm = m.encode_multimodal(image_hidden, text_hidden, mm_attn)  # (n, M, D)
-        itm = itm_loss(m.itm_head(mm[:, 0]), matched.long())  # ITM reads the masked pass, as in FLAVA
+        masked_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
+        masked_text_hidden = m.encode_text(draws["masked_ids"], mm_attn)[0]  # (n, L, D) pre-LN
+        mm = m.encode_multimodal(masked_hidden, masked_text_hidden, mm_attn)  # (n, M, D)
+        if c.itm_pass == "masked":
+            itm, matched = itm_loss(m.itm_head(mm[:, 0]), (~swap).long()), ~swap  # ITM reads the masked pass (FLAVA)
+        else:
+            itm = self.itm_unmasked(image_hidden, text_hidden, ids, attn, swap, draws["pick"])
+            matched = torch.ones_like(swap)  # every masked-pass row is a true pair
 
         # MMM learns only from matched pairs. The filter is applied to the *labels* of every
         # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be

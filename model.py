@@ -8,8 +8,10 @@ discrete VAE (DALL-E, arXiv 2102.12092; used by BEiT, arXiv 2106.08254). FLIP (L
 only pays for the patches it keeps.
 
 This file runs from small parts to large ones: config -> attention, MLP, block -> encoders ->
-heads -> FLAVA -> dVAE -> FLOPs. What is *hidden* lives in masking.py, what is *learned* in
-losses.py. Exercise it with `python -m pytest tests/test_model.py`.
+heads -> FLAVA -> dVAE (and DALL-E's encoder, FLAVA's published image tokenizer) -> FLOPs ->
+checkpoints -> the published weights (`FLAVA.from_pretrained`, `python model.py convert`). What is
+*hidden* lives in masking.py, what is *learned* in losses.py. Exercise it with `python -m pytest
+tests/test_model.py tests/test_pretrained.py`.
 
 Shape legend (used in every shape comment):
     B batch, P image patches (grid G x G), N = 1 + P image tokens (or 1 + K with FLIP keeping K),
@@ -18,11 +20,17 @@ Shape legend (used in every shape comment):
 Mask polarity: `*_masked` / `*_drop` are True where a token is hidden; `*_attn_mask` is True
 where a token is real and may be attended (the convention of F.scaled_dot_product_attention).
 """
+import json
 import math
-from dataclasses import dataclass, fields
+import os
+import re
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist_
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -46,10 +54,10 @@ class ModelConfig:
     text_len: int = 24  # L: fixed text length with padding (FLIP: 32, CLIP: 77; the world's captions: <= 23)
     embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
     image_pool: str = "cls"  # contrastive image feature: "cls" = [CLS_I] (FLAVA), "mean" = mean of patch tokens (FLIP)
-    codebook_size: int = 256  # C: dVAE codebook size = MIM / MMM-image vocabulary (DALL-E: 8192)
-    dvae_layers: int = 3  # stride-2 convs in the dVAE; its grid image_size / 2**dvae_layers must equal the patch grid
-    dvae_hidden: int = 32  # dVAE conv width
-    dvae_code_dim: int = 32  # width of a codebook vector
+    codebook_size: int = 256  # C: image tokenizer codes = MIM / MMM-image vocabulary (DALL-E: 8192)
+    image_tokenizer: str = "dvae"  # MIM targets from "dvae" (the tiny dVAE of stage 1) or "dalle" (FLAVA's published)
+    dalle_hidden: int = 256  # width of DALL-E's encoder (the published codebook: 256)
+    dalle_blocks: int = 2  # residual blocks per group of DALL-E's encoder (the published codebook: 2)
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
     grad_ckpt: bool = False  # recompute each block in backward: less activation memory, ~30% more compute
     ln_eps: float = 1e-12  # LayerNorm epsilon (both public FLAVA implementations)
@@ -69,14 +77,10 @@ class ModelConfig:
             problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
         if self.attn not in ("auto", "sdpa", "manual"):
             problems.append(f"attn={self.attn!r} must be 'auto', 'sdpa' or 'manual'")
-        if self.image_size % (2**self.dvae_layers) or self.image_size // 2**self.dvae_layers != self.grid:
-            problems.append(
-                f"dVAE grid image_size / 2**dvae_layers = {self.image_size} / {2**self.dvae_layers} must equal the "
-                f"patch grid image_size / patch_size = {self.grid} (one code per patch): set dvae_layers="
-                f"{int(math.log2(self.patch_size)) if self.patch_size & (self.patch_size - 1) == 0 else '?'}"
-            )
+        if self.image_tokenizer not in ("dvae", "dalle"):
+            problems.append(f"image_tokenizer={self.image_tokenizer!r} must be 'dvae' or 'dalle'")
         for name in ("image_layers", "text_layers", "mm_layers", "width", "heads", "vocab_size", "text_len",
-                     "embed_dim", "codebook_size"):
+                     "embed_dim", "codebook_size", "dalle_hidden", "dalle_blocks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.text_len < 3:
@@ -110,11 +114,9 @@ class ModelConfig:
 PRESETS = {
     "tiny": dict(),
     "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
-                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192,
-                  dvae_layers=4, dvae_hidden=64, dvae_code_dim=64, vocab_size=30522),
+                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192, vocab_size=30522),
     "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
-                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192,
-                 dvae_layers=4, dvae_hidden=256, dvae_code_dim=128, vocab_size=30522),
+                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192, vocab_size=30522),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -428,48 +430,195 @@ class FLAVA(nn.Module):
     def clamp_logit_scale_(self):  # after each optimizer step, as CLIP / open_clip do
         self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "FLAVA":
+        """Hugging Face's FLAVA (a folder like facebook/flava-full: config.json and pytorch_model.bin or
+        model.safetensors) in nanoFLAVA's names; overrides are ModelConfig fields (image_size, text_len, ...).
+        As nanoGPT's GPT.from_pretrained; the mapping is in the "Published weights" section below."""
+        return _flava_from_hf(cls, path, overrides)
+
 
 # ---------------------------------------------------------------------------------------------
-# The tiny dVAE: its codebook indices are the targets of MIM and MMM-image
+# The image tokenizer ("dVAE"): its codebook indices are the targets of MIM and MMM-image
 # ---------------------------------------------------------------------------------------------
 
 
 class DVAE(nn.Module):
-    """A small discrete VAE in DALL-E's manner (arXiv 2102.12092 §2.1): a conv encoder to
-    per-cell codebook logits, a Gumbel-softmax relaxation that mixes codebook vectors, a conv
-    decoder back to pixels. Downsampling = patch size, so code (i, j) belongs to patch (i, j).
-    Images come in [0, 1] (no CLIP normalisation); reconstructions are sigmoid pixels."""
+    """Turns each patch into one of C discrete codes, the labels MIM and MMM-image predict.
+
+    FLAVA and BEiT take these codes from DALL-E's discrete VAE (arXiv 2102.12092 §2.1), trained for
+    hundreds of thousands of steps with a Gumbel-softmax relaxation, a temperature and a KL schedule.
+    At our scale that recipe collapses: a per-cell KL to the uniform prior raises each cell's entropy
+    but not the use of codes *across* cells, the relaxed soft mixtures reconstruct while the hard
+    argmax sits on a handful of codes (measured: 7% of 256 codes in use, reconstructions worse than
+    the mean image), and a conv autoencoder does not learn to draw in the seconds stage 1 has.
+
+    So the tokenizer here is the vector quantiser at the heart of a VQ-VAE (van den Oord et al.,
+    arXiv 1711.00937), with the identity as encoder and decoder: a patch's code is its nearest
+    codebook vector in pixel space, and decoding a code pastes that vector back. VQ-VAE's EMA
+    codebook update (its App. A.1) is mini-batch k-means (Sculley 2010), which is how stage 1
+    trains it (`learn`): assign every patch of a batch to its nearest code, move each code towards
+    the mean of its patches, and re-seed codes that no patch uses any more at the patches they
+    would serve best (k-means++'s squared-error sampling). Every code stays in use by construction.
+    The codebook is data (buffers), not parameters: nothing here has a gradient, so no precision
+    can make it underflow, and codes are always computed in fp32, outside autocast.
+    Images come in [0, 1]; one code per ViT patch, in the patches' row-major order."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, C, n = cfg.dvae_hidden, cfg.codebook_size, cfg.dvae_layers
-        enc = []
-        for i in range(n):  # each 4x4 stride-2 conv halves the side: S -> S / 2**n = G
-            enc += [nn.Conv2d(3 if i == 0 else h, h, 4, stride=2, padding=1), nn.ReLU()]
-        self.encoder = nn.Sequential(*enc, nn.Conv2d(h, C, 1))  # 1x1 conv to codebook logits (DALL-E)
-        self.codebook = nn.Embedding(C, cfg.dvae_code_dim)
-        dec = [nn.Conv2d(cfg.dvae_code_dim, h, 1)]
-        for i in range(n):  # mirror: each transposed conv doubles the side back to S
-            dec += [nn.ReLU(), nn.ConvTranspose2d(h, 3 if i == n - 1 else h, 4, stride=2, padding=1)]
-        self.decoder = nn.Sequential(*dec)
+        self.patch_size = cfg.patch_size
+        dim = 3 * cfg.patch_size**2  # a patch's pixels, flattened
+        self.register_buffer("codebook", torch.zeros(cfg.codebook_size, dim))  # (C, 3 p p)
+        self.register_buffer("usage", torch.zeros(cfg.codebook_size))  # (C,) EMA of patches per code and step
 
-    def forward(self, images01, tau: float):
-        """Training pass. images01 (B, 3, S, S) in [0, 1]; tau: Gumbel temperature (annealed 1 -> 1/16)."""
-        logits = self.encoder(images01)  # (B, C, G, G)
-        soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)  # (B, C, G, G), relaxed one-hot
-        z = torch.einsum("bcgh,cd->bdgh", soft, self.codebook.weight)  # (B, code_dim, G, G)
-        return torch.sigmoid(self.decoder(z)), logits  # (B, 3, S, S), (B, C, G, G)
+    def patches(self, images01):
+        """(B, 3, S, S) -> (B, P, 3 p p) in fp32, row-major like the ViT's patch embedding."""
+        B, _, S, _ = images01.shape
+        p, G = self.patch_size, S // self.patch_size
+        x = images01.float().reshape(B, 3, G, p, G, p).permute(0, 2, 4, 1, 3, 5)  # (B, G, G, 3, p, p)
+        return x.reshape(B, G * G, 3 * p * p)  # (B, P, 3 p p)
+
+    def nearest(self, x, chunk=65536):
+        """x (n, 3 p p) -> (index (n,), squared distance (n,)) of the nearest code, in fp32 chunks
+        (n x C distances at once would be 6 GB for 1,024 images of `base`)."""
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # ("meta" has no autocast)
+            c = self.codebook.float()
+            c2 = c.pow(2).sum(1)  # (C,)
+            out = [((part.pow(2).sum(1, keepdim=True) - 2 * part @ c.T) + c2).min(1) for part in x.split(chunk)]
+        dist, index = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+        return index, dist.clamp(min=0)  # (n,), (n,)
 
     @torch.no_grad()
     def codebook_indices(self, images01):
-        """Hard codes for MIM targets: argmax per cell, flattened row-major like the patches."""
-        return self.encoder(images01).argmax(dim=1).flatten(1)  # (B, P) long
+        """Hard codes, the MIM targets: (B, 3, S, S) in [0, 1] -> (B, P) long."""
+        x = self.patches(images01)  # (B, P, 3 p p)
+        return self.nearest(x.flatten(0, 1))[0].view(x.shape[:2])  # (B, P)
 
     @torch.no_grad()
     def decode_indices(self, codes):
-        G = int(math.isqrt(codes.size(1)))
-        z = self.codebook(codes.view(-1, G, G)).permute(0, 3, 1, 2)  # (B, code_dim, G, G)
-        return torch.sigmoid(self.decoder(z))  # (B, 3, S, S)
+        """(B, P) codes -> (B, 3, S, S): each patch replaced by its code's vector."""
+        B, P = codes.shape
+        p, G = self.patch_size, math.isqrt(P)
+        x = self.codebook[codes].view(B, G, G, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, G, p, G, p)
+        return x.reshape(B, 3, G * p, G * p)  # (B, 3, S, S)
+
+    @torch.no_grad()
+    def learn(self, images01, decay: float = 0.9, reseed: bool = True, generator=None) -> dict:
+        """One step of mini-batch k-means on a batch's patches, the same on every rank (counts and
+        sums are summed over ranks). The first call seeds the codebook with random patches."""
+        x = self.patches(images01).flatten(0, 1)  # (n, 3 p p), n = B P
+        world = dist_.get_world_size() if _distributed() else 1
+        C = self.codebook.size(0)
+        per_code = world * x.size(0) / C  # patches a code would get if all were used evenly
+        if not self.usage.any():  # the first step: C random patches of the batch
+            self._reseed(torch.ones(C, dtype=torch.bool, device=x.device), x, torch.ones_like(x[:, 0]), per_code,
+                         generator)
+        index, err = self.nearest(x)  # (n,), (n,) squared error of each patch's code
+        counts = torch.bincount(index, minlength=C).float()  # (C,)
+        sums = torch.zeros_like(self.codebook).index_add_(0, index, x)  # (C, 3 p p)
+        if world > 1:
+            dist_.all_reduce(counts)
+            dist_.all_reduce(sums)
+        # EMAs of each code's patch count N (`usage`) and patch sum M (VQ-VAE App. A.1); a code is M / N.
+        total = decay * self.codebook * self.usage[:, None] + (1 - decay) * sums  # (C, 3 p p)
+        self.usage.mul_(decay).add_(counts, alpha=1 - decay)
+        self.codebook.copy_(total / self.usage.clamp(min=1e-12)[:, None])
+        dead = self.usage < 0.03 * per_code  # codes that (almost) no patch picks any more
+        if reseed and dead.any():
+            self._reseed(dead, x, err, per_code, generator)
+        p = counts / counts.sum()
+        images = images01.float()
+        return {"recon_mse": err.mean().item() / x.size(1), "codes_used": (counts > 0).float().mean().item(),
+                "perplexity": torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(), "reseeded": int(dead.sum()),
+                "mean_image_mse": (images - images.mean(0)).pow(2).mean().item()}  # this rank's batch
+
+    def _reseed(self, which, x, weight, per_code, generator):
+        """Move the codes in `which` to patches drawn with probability ~ weight (k-means++: the patches
+        served worst); rank 0's choice is sent to every rank, so that all keep one codebook."""
+        k = int(which.sum())
+        pick = torch.multinomial(weight.float() + 1e-12, k, replacement=k > x.size(0), generator=generator)  # (k,)
+        self.codebook[which] = x[pick]
+        self.usage[which] = per_code
+        if _distributed():
+            dist_.broadcast(self.codebook, 0)
+            dist_.broadcast(self.usage, 0)
+
+
+def _distributed() -> bool:
+    return dist_.is_available() and dist_.is_initialized() and dist_.get_world_size() > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# FLAVA's published image tokenizer: DALL-E's dVAE encoder (its codebook is FLAVA's MIM vocabulary)
+# ---------------------------------------------------------------------------------------------
+
+
+class DalleBlock(nn.Module):
+    """DALL-E's encoder block (arXiv 2102.12092 App. A.2): an identity path (a 1x1 conv where the width
+    changes) plus a residual path ReLU-conv3-ReLU-conv3-ReLU-conv3-ReLU-conv1 at a quarter of the width,
+    scaled by the post-gain 1 / (number of blocks)**2 so that the residuals' sum starts small."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int):
+        super().__init__()
+        h = c_out // 4
+        self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.res_path = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, h, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1),
+                                      nn.ReLU(), nn.Conv2d(h, c_out, 1))
+        self.post_gain = 1 / n_blocks**2
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DalleEncoder(nn.Module):
+    """FLAVA's image tokenizer as published (facebook/flava-image-codebook): DALL-E's encoder, frozen, no
+    decoder. A 7x7 conv, four groups of blocks at widths h, 2h, 4h, 8h with a 2x max-pool after each of the
+    first three, ReLU, a 1x1 conv to codebook logits. It downsamples by 8, so it reads the model's image
+    resized to 8 pixels a patch (112 px for FLAVA's 224 px and 14 x 14 patches), mapped from [0, 1] to
+    [0.1, 0.9] as DALL-E's logit-Laplace pixels are. The same interface as DVAE.codebook_indices."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, n, self.side = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
+        widths = (h, h, 2 * h, 4 * h, 8 * h)
+        self.input = nn.Conv2d(3, h, 7, padding=3)
+        self.groups = nn.ModuleList(  # group g: its first block widens widths[g] -> widths[g + 1]
+            nn.Sequential(*(DalleBlock(widths[g + (b > 0)], widths[g + 1], 4 * n) for b in range(n))) for g in range(4))
+        self.output = nn.Conv2d(8 * h, cfg.codebook_size, 1)
+
+    def forward(self, pixels):
+        """pixels (B, 3, 8G, 8G) in [0.1, 0.9] -> codebook logits (B, C, G, G)."""
+        x = self.input(pixels)  # (B, h, 8G, 8G)
+        for g, group in enumerate(self.groups):
+            x = group(x)
+            x = F.max_pool2d(x, 2) if g < 3 else x  # 8G -> 4G -> 2G -> G
+        return self.output(F.relu(x))  # (B, C, G, G)
+
+    @torch.no_grad()
+    def codebook_indices(self, images01):
+        """images01 (B, 3, S, S) in [0, 1] -> codes (B, P) long, row-major like the patches. In fp32 and
+        outside autocast: an argmax over 8192 logits in reduced precision flips near-ties."""
+        with torch.autocast(images01.device.type, enabled=False):
+            x = images01.float()
+            if x.size(-1) != self.side:  # 224 -> 112 px for FLAVA (Hugging Face resizes the original, Lanczos)
+                x = F.interpolate(x, size=(self.side, self.side), mode="bicubic", antialias=True).clamp(0, 1)
+            return self(0.8 * x + 0.1).argmax(dim=1).flatten(1)  # (B, 3, 8G, 8G) -> (B, P)
+
+    @classmethod
+    def from_pretrained(cls, path, cfg: ModelConfig) -> "DalleEncoder":
+        """From flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
+        state = _codebook_state(path)
+        if not state:
+            raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
+        encoder = cls(cfg)
+        load_state(encoder, state, f"{path} image codebook")
+        return encoder.requires_grad_(False).eval()
+
+
+def image_tokenizer_for(cfg: ModelConfig) -> nn.Module:
+    """The module whose codebook_indices are the MIM and MMM-image targets: the dVAE or DALL-E's encoder."""
+    return DalleEncoder(cfg) if cfg.image_tokenizer == "dalle" else DVAE(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +640,18 @@ def _stem_flops(cfg: ModelConfig) -> float:
     return sum(2 * (cfg.image_size >> i) ** 2 * 4 * chans[i - 1] * chans[i] for i in range(1, len(chans)))
 
 
+def _dalle_flops(cfg: ModelConfig) -> float:
+    """DALL-E's encoder at its 8G-pixel input: the 7x7 conv, every block's four convs (and its 1x1 identity
+    path where the width changes), the 1x1 conv to the codebook. ~52 GFLOPs at 112 px: more than a ViT-B/16."""
+    h, n, s = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
+    widths, total = (h, h, 2 * h, 4 * h, 8 * h), 2 * s * s * 49 * 3 * h
+    for g in range(4):  # group g runs at side s / 2**g
+        for b in range(n):
+            c, w = widths[g + (b > 0)], widths[g + 1]
+            total += 2 * (s >> g) ** 2 * (9 * c * w // 4 + 2 * 9 * (w // 4) ** 2 + w // 4 * w + (c * w if c != w else 0))
+    return total + 2 * cfg.num_patches * 8 * h * cfg.codebook_size
+
+
 def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
                      mlm_prob: float = 0.15, masked_fraction: float = 1.0) -> float:
     """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
@@ -508,8 +669,7 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
     def image(tokens):
         return _stem_flops(cfg) + _encoder_flops(cfg, cfg.image_layers, tokens)
 
-    h, n = cfg.dvae_hidden, cfg.dvae_layers
-    dvae = 2 * (sum((cfg.image_size >> (i + 1)) ** 2 * 16 * (3 if i == 0 else h) * h for i in range(n)) + P * h * C)
+    dvae = _dalle_flops(cfg) if cfg.image_tokenizer == "dalle" else 2 * P * 3 * cfg.patch_size**2 * C  # the tokenizer
     text = _encoder_flops(cfg, cfg.text_layers, L)
     if source == "images":
         return 3 * (image(1 + P) + head(n_img, C)) + dvae
@@ -564,9 +724,241 @@ def load_state(module: nn.Module, state: dict, what: str):
 
 
 def models_from_checkpoint(ckpt: dict, device="cpu"):
-    """FLAVA and its frozen dVAE rebuilt from the config stored in the checkpoint itself."""
+    """FLAVA and its frozen image tokenizer (dVAE or DALL-E's encoder; None if the checkpoint has none)
+    rebuilt from the config stored in the checkpoint itself."""
     cfg = ModelConfig(**ckpt["model_cfg"])
-    model, dvae = FLAVA(cfg), DVAE(cfg)
+    model = FLAVA(cfg)
     load_state(model, ckpt["model"], "checkpoint model weights")
-    load_state(dvae, ckpt["dvae"], "checkpoint dVAE weights")
+    if ckpt["dvae"] is None:
+        return model.to(device), None
+    dvae = image_tokenizer_for(cfg)
+    load_state(dvae, ckpt["dvae"], "checkpoint image tokenizer weights")
     return model.to(device), dvae.to(device).requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Published weights: Hugging Face's FLAVA (facebook/flava-full), read with torch alone
+# ---------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path, keep) -> dict:
+    """A .safetensors file by hand: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} (byte offsets into what follows), then the raw little-endian tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, MemoryError, OverflowError):
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+        header.pop("__metadata__", None)
+        state = {}
+        for name, info in header.items():
+            if not keep(name):
+                state[name] = None  # listed, not read
+                continue
+            (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES.get(info["dtype"])
+            f.seek(8 + n + start)
+            buf = bytearray(f.read(end - start))  # writable, as torch.frombuffer wants; the tensor shares it
+            if dtype is None or len(buf) != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name} is truncated or of an unknown dtype {info['dtype']}")
+            state[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
+                torch.zeros(info["shape"], dtype=dtype)
+    return state
+
+
+def read_weights(folder, keep=lambda name: True) -> dict:
+    """name -> tensor from a Hugging Face folder: model.safetensors or pytorch_model.bin, sharded or not
+    (*.index.json). Names that `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
+    folder, files = Path(folder), []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            files = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            break
+    files = files or [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or *.index.json")
+    state = {}
+    for file in (folder / f for f in files):
+        if file.suffix == ".safetensors":
+            state |= _read_safetensors(file, keep)
+            continue
+        try:  # a zip-format file is memory-mapped (only what is kept gets read); a legacy one loads whole
+            part = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as e:  # truncated, not a torch file, or pickled code (which weights_only refuses)
+            raise ValueError(f"cannot read {file}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        state |= {k: v if keep(k) else None for k, v in part.items()}
+    return state
+
+
+def _codebook_state(path) -> dict:
+    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
+    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
+    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
+    out = {}
+    for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
+        if tensor is not None:
+            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
+            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
+                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
+            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
+    return out
+
+
+# Hugging Face's FlavaConfig defaults (those of the `base` preset), for what a config.json leaves out
+_TOWER = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-12, hidden_act="gelu",
+              qkv_bias=True)
+HF_DEFAULTS = {"image_config": dict(_TOWER, num_hidden_layers=12, image_size=224, patch_size=16, vocab_size=8192),
+               "text_config": dict(_TOWER, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
+               "multimodal_config": dict(_TOWER, num_hidden_layers=6),
+               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, vocab_size=8192)}
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face FlavaConfig (config.json). nanoFLAVA's encoders share one width, head
+    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
+    sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
+    img, txt, mm, cb = sub.values()
+    size, patch = (img[k][0] if isinstance(img[k], list) and len(set(img[k])) == 1 else img[k]
+                   for k in ("image_size", "patch_size"))  # [224, 224] -> 224
+    checks = {  # name: (value, what nanoFLAVA needs)
+        **{f"{k}.{key}": (sub[k][key], img[key]) for k in ("text_config", "multimodal_config") for key in _TOWER},
+        "image_config.hidden_act": (img["hidden_act"], "gelu"), "image_config.qkv_bias": (img["qkv_bias"], True),
+        "hidden_size": (hf.get("hidden_size", 768), img["hidden_size"]),
+        "intermediate_size % hidden_size": (img["intermediate_size"] % img["hidden_size"], 0),
+        "square image_size and patch_size": (isinstance(size, int) and isinstance(patch, int), True),
+        "image_codebook_config.vocab_size": (cb["vocab_size"], img["vocab_size"]),
+        "text_len <= max_position_embeddings": (overrides.get("text_len", 0) <= txt["max_position_embeddings"], True)}
+    problems = [f"{name}={got!r} (needs {want!r})" for name, (got, want) in checks.items() if got != want]
+    if problems:
+        raise ValueError("this Hugging Face FLAVA config does not fit nanoFLAVA: " + "; ".join(problems))
+    return ModelConfig.from_preset("base", **{**dict(
+        image_size=size, patch_size=patch, width=img["hidden_size"],
+        heads=img["num_attention_heads"], mlp_ratio=img["intermediate_size"] // img["hidden_size"],
+        image_layers=img["num_hidden_layers"], text_layers=txt["num_hidden_layers"], mm_layers=mm["num_hidden_layers"],
+        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77 tokens
+        embed_dim=hf.get("projection_dim", 768), codebook_size=img["vocab_size"], ln_eps=img["layer_norm_eps"],
+        image_tokenizer="dalle", dalle_hidden=cb["hidden_size"], dalle_blocks=cb["num_blocks_per_group"]), **overrides})
+
+
+HF_HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head")
+
+
+def _hf_names(cfg: ModelConfig) -> dict:
+    """nanoFLAVA tensor name -> the Hugging Face name(s) it is made of (FlavaForPreTraining's, less "flava.")."""
+    m = {"image_encoder.cls_token": "image_model.embeddings.cls_token", "logit_scale": "logit_scale",
+         "image_encoder.mask_token": "image_model.embeddings.mask_token",
+         "mm_encoder.cls_token": "multimodal_model.cls_token",
+         "image_encoder.pos_embed": "image_model.embeddings.position_embeddings",
+         "text_encoder.word_embed.weight": "text_model.embeddings.word_embeddings.weight",
+         "text_encoder.pos_embed": ("text_model.embeddings.position_embeddings.weight",
+                                    "text_model.embeddings.token_type_embeddings.weight")}
+    renames = {"image_encoder.patch_embed": "image_model.embeddings.patch_embeddings.projection",
+               "text_encoder.ln_embed": "text_model.embeddings.LayerNorm", "image_projection": "image_projection",
+               "mm_encoder.image_to_mm": "image_to_mm_projection", "mm_encoder.text_to_mm": "text_to_mm_projection",
+               "text_projection": "text_projection", "itm_head.pooler": "itm_head.pooler.dense",
+               "itm_head.classifier": "itm_head.seq_relationship"}
+    renames |= {f"{h}.{ours}": f"{h}.{theirs}" for h in HF_HEADS[:4] for ours, theirs in
+                (("dense", "transform.dense"), ("ln", "transform.LayerNorm"), ("decoder", "decoder"))}
+    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("mm_encoder", "multimodal_model",
+                            cfg.mm_layers), ("text_encoder", "text_model", cfg.text_layers)):
+        renames[f"{ours}.transformer.ln_f"] = f"{hf}.layernorm"
+        for i in range(depth):
+            a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
+            renames |= {f"{a}.attn.proj": f"{b}.attention.output.dense", f"{a}.mlp.fc1": f"{b}.intermediate.dense",
+                        f"{a}.mlp.fc2": f"{b}.output.dense", f"{a}.ln1": f"{b}.layernorm_before",
+                        f"{a}.ln2": f"{b}.layernorm_after"}
+            m |= {f"{a}.attn.qkv.{w}": tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
+                  for w in ("weight", "bias")}
+    return m | {f"{ours}.{w}": f"{hf}.{w}" for ours, hf in renames.items() for w in ("weight", "bias")}
+
+
+def _flava_from_hf(cls, path, overrides):
+    """FLAVA.from_pretrained. q, k and v fuse into qkv; BERT's token-type row 0 (which it adds to every token)
+    folds into the text positions, cut from 512 to text_len; the encoders' tanh poolers (no pretraining output
+    reads them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is
+    an error. Image positions are resized for another image_size."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), **overrides)
+    state = {k.removeprefix("flava."): v for k, v in read_weights(folder, lambda k: "image_codebook." not in k).items()}
+    for h in HF_HEADS[:4]:  # the output bias is one tied tensor, saved as <head>.bias, decoder.bias or both
+        tied = state.pop(f"{h}.bias", None)
+        state[f"{h}.decoder.bias"] = state.get(f"{h}.decoder.bias", tied)
+    names = _hf_names(cfg)
+    used = {n for src in names.values() for n in (src if isinstance(src, tuple) else (src,))}
+    dropped = re.compile(r"image_codebook\..*|(image|text|multimodal)_model\.pooler\.dense\.(weight|bias)|.*_ids")
+    unknown = sorted(k for k in state if k not in used and not dropped.fullmatch(k))
+    missing, heads = sorted(k for k in used if state.get(k) is None), sorted(k for k in used if k.startswith(HF_HEADS))
+    if unknown or missing and missing != heads:
+        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; "
+                         f"missing: {missing[:8]}")
+    if missing:
+        print(f"{folder}: no pretraining heads (a FlavaModel file): MIM, MLM, MMM and ITM keep their initialisation")
+    model = cls(cfg)
+    ours = model.state_dict()
+    for name, src in names.items():
+        parts = [state[k].float() for k in (src if isinstance(src, tuple) else (src,)) if state.get(k) is not None]
+        if name == "text_encoder.pos_embed":  # (1, L, D): positions plus token type 0, which BERT adds to every token
+            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]
+        elif parts:  # q, k and v stacked on dim 0 are qkv's (3D, D) layout
+            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    grid = math.isqrt(ours["image_encoder.pos_embed"].size(1) - 1)
+    if grid != cfg.grid:  # (1, 1 + g*g, D) -> (1, 1 + P, D): the patch rows resized as a g x g image, as HF does
+        pos, D = ours["image_encoder.pos_embed"], cfg.width
+        table = F.interpolate(pos[:, 1:].reshape(1, grid, grid, D).permute(0, 3, 1, 2), size=(cfg.grid, cfg.grid),
+                              mode="bicubic", align_corners=False)  # (1, D, G, G)
+        ours["image_encoder.pos_embed"] = torch.cat([pos[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches")
+    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp it to [0, ln 100] on every use, as
+    # CLIP, open_clip and TorchMultimodal do. Inside that range both give the same logits; outside it, we say so.
+    scale = float(ours["logit_scale"])
+    if not 0 <= scale <= LOGIT_SCALE_MAX:
+        ours["logit_scale"] = ours["logit_scale"].clamp(0, LOGIT_SCALE_MAX)
+        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x "
+              f"{math.exp(float(ours['logit_scale']) - scale):.6f}")
+    load_state(model, ours, str(folder))
+    return model
+
+
+def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
+    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as load_checkpoint returns one): the model,
+    DALL-E's encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook;
+    None if neither has one), the vocabulary of vocab.txt, and how preprocessor_config.json resizes: "squash"
+    (the whole image to S x S: Hugging Face's FlavaImageProcessor with an integer or height-and-width size, its
+    default) or "crop" (shortest side, then the central square, as TorchMultimodal and nanoFLAVA's data.py)."""
+    model, folder = FLAVA.from_pretrained(path, **overrides), Path(path)
+    if not (folder / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
+    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
+    tokenizer = _codebook_state(codebook or path) or None
+    if tokenizer is None:
+        print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
+    else:
+        load_state(DalleEncoder(model.cfg), tokenizer, f"{codebook or folder} image codebook")  # shapes checked
+    pre = folder / "preprocessor_config.json"
+    size = json.loads(pre.read_text()).get("size", 224) if pre.is_file() else 224  # Hugging Face's default: 224
+    return {"format": "nanoflava-1", "model": model.state_dict(), "dvae": tokenizer, "model_cfg": asdict(model.cfg),
+            "step": 0, "vocab": [t.rstrip("\r") for t in (vocab[:-1] if vocab[-1] == "" else vocab)],
+            "converted_from": str(folder), "preprocess": "crop" if isinstance(size, dict) and "shortest_edge" in size
+            else "squash"}
+
+
+if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
+    parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
+    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
+    args = parser.parse_args()
+    ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save(ckpt, args.out + ".tmp")  # written whole, then renamed: never a torn checkpoint
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}: image tokenizer {'DALL-E encoder' if ckpt['dvae'] else 'none'}, "
+          f"{len(ckpt['vocab'])} word pieces")

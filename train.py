@@ -13,6 +13,7 @@ pass, then tune briefly without dropping.
     torchrun --nproc_per_node=8 train.py --preset base --shards 'pmd/{00000..07000}.tar' --images imagenet/train
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
+    python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
 Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt (and the last --keep_ckpts as ckpt_<step>.pt), eval.json.
 """
@@ -27,7 +28,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-from losses import FLAVALoss, LossConfig, codebook_stats, compile_step, dvae_loss
-from model import DVAE, FLAVA, ModelConfig, flops_per_sample, load_checkpoint, load_state
+from losses import FLAVALoss, LossConfig, compile_step
+from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer_for, load_checkpoint, load_state,
+                   pretrained_checkpoint)
 
 NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
 
@@ -58,6 +59,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
     texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
+    init_from: str = ""  # start from a Hugging Face FLAVA folder or a ckpt.pt: its model, vocabulary, image tokenizer
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and rank)
     batch_size: int = 128  # global batch per step, split evenly over ranks
@@ -71,10 +73,8 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     p_pairs: float = 0.9  # share of steps drawing a paired batch (paper: 0.70)
     p_images: float = 0.05  # share of image-only (MIM) steps (paper: 0.15)
     p_texts: float = 0.05  # share of text-only (MLM) steps (paper: 0.15)
-    dvae_ckpt: str = ""  # a trained dvae.pt to reuse; stage 1 is skipped
-    dvae_steps: int = 100  # stage 1: dVAE training steps
-    dvae_lr: float = 1e-3  # stage 1 learning rate
-    dvae_kl_weight: float = 0.05  # weight of KL(q || uniform) after its ramp (keeps the codebook in use)
+    dvae_ckpt: str = ""  # a trained dvae.pt (the image tokenizer) to reuse; stage 1 is skipped
+    dvae_steps: int = 100  # stage 1: mini-batch k-means steps of the image tokenizer's codebook
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
@@ -149,6 +149,9 @@ def parse_args(argv=None):
     try:  # every impossible combination fails here, before any work, naming the fields involved
         loss = LossConfig(**{f.name: values[f.name] for f in fields(LossConfig) if f.name in values})
         ModelConfig.from_preset(train.preset, **overrides)
+        if overrides.get("image_tokenizer") == "dalle" and not train.init_from:
+            raise ValueError("image_tokenizer=dalle is FLAVA's published codebook, which is loaded, not trained: "
+                             "give --init_from (a Hugging Face FLAVA folder or a checkpoint that has it)")
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
         if train.pairs and train.shards:
@@ -387,7 +390,8 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):
     if cfg.pairs or cfg.shards:
         if cfg.pairs:
             sources = {"pairs": data.FilePairs(cfg.pairs, mcfg.image_size, None, mcfg.text_len)}
-            corpus = [sources["pairs"].pair(i)[1] for i in range(min(len(sources["pairs"]), 200_000))]
+            corpus = [sources["pairs"].pair(i)[1] for i in range(min(len(sources["pairs"]), 200_000))
+                      if vocab is None and not cfg.vocab]
         else:
             sources = {"pairs": data.TarShards(cfg.shards, mcfg.image_size, None, mcfg.text_len, cfg.shard_buffer)}
             corpus = sources["pairs"].captions(200_000) if vocab is None and not cfg.vocab else []
@@ -436,48 +440,49 @@ def stream_states(batches, world_size):
     return states
 
 
+def load_init(cfg: TrainConfig, model_overrides: dict):
+    """--init_from: a Hugging Face FLAVA folder (converted on the fly) or a nanoFLAVA checkpoint, and its model
+    config with the model flags given on the command line (the preset's are not used)."""
+    if os.path.isdir(cfg.init_from):
+        init = pretrained_checkpoint(cfg.init_from, **model_overrides)
+    else:
+        init = load_checkpoint(cfg.init_from)
+    if init["dvae"] is None:
+        raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
+                         "(python model.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
+    return init, replace(ModelConfig(**init["model_cfg"]), **model_overrides)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the dVAE (DALL-E §2.1: Gumbel-softmax, temperature 1 -> 1/16, KL to uniform)
+# Stage 1: the image tokenizer (its codes are the targets of MIM and MMM-image)
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped):
+def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
+    """Stage 1: the image tokenizer's codebook by mini-batch k-means over the patches of image batches
+    (model.DVAE explains why). No gradients, fp32 throughout; the EMA of the codes follows the data
+    closely early (decay 0.5) and averages over more batches later (0.99), and dead codes are re-seeded
+    in the first 80% of the stage only, so that the last codes have settled."""
     dvae = DVAE(mcfg).to(device)
-    if world_size > 1:
-        # oneDNN returns the 1x1 conv's gradient with other strides on its size-1 dims: the same
-        # memory layout as DDP's bucket, but DDP warns on every backward. Nothing to fix; silenced.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        dvae_ddp = DDP(dvae)
-    opt = torch.optim.AdamW(dvae.parameters(), lr=cfg.dvae_lr, weight_decay=0.0)
     source = "images" if "images" in mixture.sources else "pairs"
     batches = loader_for(cfg, mixture, {source: 1.0}, rank, world_size, 0, device)
-    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: dVAE", disable=rank != 0, dynamic_ncols=True)
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the re-seeding draws (rank 0's are used)
+    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: image tokenizer", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        t = step / max(1, cfg.dvae_steps - 1)
-        tau = 1 / 16 + (1 - 1 / 16) * 0.5 * (1 + math.cos(math.pi * t))  # cosine 1 -> 1/16 (DALL-E)
-        kl_weight = cfg.dvae_kl_weight * min(1.0, 4 * t)  # ramped in over the first quarter
-        for group in opt.param_groups:
-            group["lr"] = cfg.dvae_lr * 0.5 * (1 + math.cos(math.pi * t))
         _, batch = next(batches)
         note_skipped(batch, "dvae", step)
-        images = to_device(batch, device)["image"].float() / 255
-        with autocast:
-            recon, logits = (dvae_ddp if world_size > 1 else dvae)(images, tau)
-        losses = dvae_loss(recon, images, logits, kl_weight)
-        losses["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        images = to_device(batch, device)["image"].float() / 255  # (B, 3, S, S) in [0, 1]
+        t = step / max(1, cfg.dvae_steps - 1)
+        stats = dvae.learn(images, decay=0.5 + 0.49 * t, reseed=t < 0.8, generator=gen)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.dvae_steps - 1):
-            stats = codebook_stats(logits.argmax(1), mcfg.codebook_size)
-            row = {"stage": "dvae", "step": step, "recon": losses["recon"].item(), "kl": losses["kl"].item(),
-                   "tau": tau, "codes_used": stats["used"], "perplexity": stats["perplexity"]}
-            bar.set_postfix(recon=f"{row['recon']:.4f}", used=f"{stats['used']:.2f}", ppl=f"{stats['perplexity']:.0f}")
-            log(row)
-    return dvae.requires_grad_(False).eval()
+            bar.set_postfix(mse=f"{stats['recon_mse']:.4f}", base=f"{stats['mean_image_mse']:.4f}",
+                            ppl=f"{stats['perplexity']:.0f}")
+            log({"stage": "dvae", "step": step, **{k: round(v, 6) for k, v in stats.items()}})
+    return dvae.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,16 +503,17 @@ def main(argv=None):
     # The flags define the model, resumed or not; a resumed run takes its vocabulary from the checkpoint.
     # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
-    current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
-        k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
-    resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
-    if resume is not None:
-        mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
-    try:  # a missing or empty manifest, shard folder, image folder, text file or vocabulary: one line, exit 2
-        sources, world, tokenizer = build_data(cfg, mcfg, resume["vocab"] if resume else None)
+    try:  # bad input (a missing or empty manifest, shard folder, vocabulary, init or checkpoint): one line, exit 2
+        init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
+        current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
+            k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
+        resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
+        if resume is not None:
+            mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
+        sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if resume is None and "vocab_size" not in model_overrides:
+    if resume is None and init is None and "vocab_size" not in model_overrides:
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
@@ -547,15 +553,16 @@ def main(argv=None):
     t_start = time.time()
 
     # ---- stage 1: the dVAE ------------------------------------------------------------------
-    if resume is not None:
-        dvae = DVAE(mcfg).to(device)
-        load_state(dvae, resume["dvae"], f"{ckpt_path} dVAE")
+    if resume is not None or init is not None:  # the checkpoint's own tokenizer: the dVAE or DALL-E's encoder
+        dvae = image_tokenizer_for(mcfg).to(device)
+        load_state(dvae, (resume or init)["dvae"],
+                   f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
     elif dvae_state is not None:
         dvae = DVAE(mcfg).to(device)
         load_state(dvae, dvae_state, cfg.dvae_ckpt or dvae_path)
         print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
     else:
-        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, autocast, log, note_skipped)
+        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped)
         if rank == 0:
             save_atomic(dvae.state_dict(), dvae_path)
     dvae.requires_grad_(False).eval()
@@ -567,6 +574,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, last_saved = 0, None
     counters = {"skipped_samples": 0, "overflow_steps": 0}  # over the whole run, resumes included
+    if init is not None and resume is None:
+        load_state(model, init["model"], f"{cfg.init_from} model")
+        print0(f"initialised from {cfg.init_from}")
     if resume is not None:
         load_state(model, resume["model"], f"{ckpt_path} model")
         optimizer.load_state_dict(resume["optimizer"])

@@ -20,9 +20,8 @@ if str(ROOT) not in sys.path:
 # A model small enough that a forward + backward takes milliseconds on a 2-core CPU, yet with a
 # 4 x 4 patch grid, padding room in the text and vocabularies of different sizes (V != C), so an
 # index or head mix-up shows.
-SMALL = dict(image_size=32, patch_size=8, dvae_layers=3, width=32, heads=2, image_layers=2, text_layers=2,
-             mm_layers=1, vocab_size=100, text_len=12, embed_dim=16, codebook_size=64, dvae_hidden=16,
-             dvae_code_dim=8)
+SMALL = dict(image_size=32, patch_size=8, width=32, heads=2, image_layers=2, text_layers=2, mm_layers=1,
+             vocab_size=100, text_len=12, embed_dim=16, codebook_size=64)
 
 
 @pytest.fixture

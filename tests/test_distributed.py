@@ -22,7 +22,7 @@ import losses
 import masking
 from model import FLAVA, ModelConfig
 
-CFG = dict(image_size=16, patch_size=4, dvae_layers=2, width=32, heads=2, image_layers=1, text_layers=1,
+CFG = dict(image_size=16, patch_size=4, width=32, heads=2, image_layers=1, text_layers=1,
            mm_layers=1, vocab_size=50, text_len=8, embed_dim=16, codebook_size=16,
            # With FLAVA's N(0, 0.02) every caption (and image) starts with nearly the same embedding: the loss
            # sits at ln(8), the gradients are ~1e-4 and fp32 rounding alone moves them by 1e-3 (measured by

@@ -141,7 +141,9 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path, capsys):
     assert not marker.exists()  # the pickled code never ran
 
 
-KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "retrieval_images", "itm_acc",
+KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "retrieval_images",
+        "itm_acc", "itm_auc", "itm_auc_hard", *(f"itm_auc_hard_{k}" for k in ("colour", "shape", "size", "relation")),
+        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
         "zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1",
         "probe_image_shape", "probe_image_colour", "probe_image_count", "probe_text_count", "probe_text_relation",
         *(f"vqa_{h}{k}" for h in ("multimodal", "image_only", "text_only")
@@ -167,7 +169,8 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path):
     results = json.loads((tmp_path / "eval.json").read_text())
     assert set(results) == KEYS
     assert results["retrieval_pairs"] == 24 and results["step"] == 7 and results["skipped_files"] == 0
-    assert all(0 <= results[k] <= 1 for k in KEYS if k.startswith(("i2t", "t2i", "zeroshot", "probe", "itm")))
+    assert all(0 <= results[k] <= 1 for k in KEYS if k.startswith(("i2t", "t2i", "zeroshot", "probe", "itm", "mmm",
+                                                                    "mim", "code")))
     for name in ("retrieval.png", "masks.png", "dvae.png", "loss_curves.png"):
         with Image.open(tmp_path / name) as img:
             assert img.width > 100 and img.height > 50

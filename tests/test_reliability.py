@@ -30,8 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "32", "--heads", "2", "--image_layers", "1", "--text_layers", "1", "--mm_layers", "1",
-        "--image_size", "32", "--patch_size", "8", "--dvae_layers", "3", "--dvae_hidden", "16",
-        "--codebook_size", "32", "--batch_size", "8", "--dvae_steps", "4", "--eval", "false", "--dtype", "fp32",
+        "--image_size", "32", "--patch_size", "8", "--codebook_size", "32", "--batch_size", "8", "--dvae_steps", "4", "--eval", "false", "--dtype", "fp32",
         "--workers", "0", "--log_every", "1"]
 TIMING = ("ms_per_step", "samples_per_s", "tflops")  # the only fields of a log row allowed to differ
 
@@ -356,9 +355,9 @@ def test_resume_refuses_a_checkpoint_that_carries_code(tmp_path, capsys):
 
 def test_resume_with_another_width_names_the_mismatching_shapes(tmp_path):
     run(tmp_path, "--steps", 2, "--dvae_steps", 1)
-    with pytest.raises(ValueError, match=r"ckpt.pt dVAE does not fit.*checkpoint \(16, 3, 4, 4\) vs model "
-                                         r"\(24, 3, 4, 4\)"):
-        run(tmp_path, "--steps", 2, "--dvae_hidden", 24, "--resume", "--resume_changes", "ok")
+    with pytest.raises(ValueError, match=r"ckpt.pt dVAE does not fit.*codebook: checkpoint \(32, 192\) vs model "
+                                         r"\(48, 192\)"):
+        run(tmp_path, "--steps", 2, "--codebook_size", 48, "--resume", "--resume_changes", "ok")
     with pytest.raises(ValueError, match=r"ckpt.pt model does not fit.*cls_token: checkpoint \(1, 1, 32\) "
                                          r"vs model \(1, 1, 64\)"):
         run(tmp_path, "--steps", 2, "--width", 64, "--resume", "--resume_changes", "ok")
