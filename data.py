@@ -3,22 +3,29 @@
 FLAVA (arXiv 2112.04482, §3.4) draws each update from one source: image-text pairs, images alone or
 text alone (0.70 / 0.15 / 0.15). Each source exists twice here: in an embedded synthetic world
 (captioned scenes of coloured shapes, deterministic, no downloads) and as files on disk (a JSONL/CSV
-manifest of pairs, an image folder tree, a text file). Images come out as uint8 (3, H, W): the model
-step normalises them (CLIP_MEAN / CLIP_STD) and computes its dVAE targets itself. Transforms follow
-FLAVA's public code: random-resized crop, scale (0.9, 1.0), for training; resize + centre crop for eval.
+manifest of pairs, an image folder tree, a text file), pairs also as web-scale tar shards, streamed.
+Images come out as uint8 (3, H, W): the model step normalises them (CLIP_MEAN / CLIP_STD) and computes
+its dVAE targets itself. Transforms follow FLAVA's public code: random-resized crop, scale (0.9, 1.0),
+for training; resize + centre crop for eval.
 
     python data.py                      # draws 64 scenes to shapes_world.png and prints captions
-    python -m pytest tests/test_data.py
+    python data.py shards pairs.jsonl shards/ --per_shard 10000   # WebDataset tar shards from a manifest
+    python -m pytest tests/test_data.py tests/test_manifests.py tests/test_shards.py
 """
+import array
 import bisect
 import collections
 import csv
 import functools
+import glob
+import io
 import json
 import math
 import os
 import random
 import re
+import sys
+import tarfile
 import unicodedata
 import warnings
 from pathlib import Path
@@ -458,17 +465,61 @@ class _SkipBadFiles:
     def __len__(self):
         return len(self.files)
 
+    def name(self, i):
+        return str(self.files[i])
+
     def load(self, index, rng=None):  # rng: the random crop's generator (see Mixture)
         skipped = []
         for i in range(index, index + MAX_SKIPS):
             try:
                 return {**self._read(i % len(self), rng), "skipped": skipped}
             except Exception as e:  # Pillow raises many types: OSError, SyntaxError, ValueError, zlib.error...
-                skipped.append((str(self.files[i % len(self)]), f"{type(e).__name__}: {e}"))
+                skipped.append((self.name(i % len(self)), f"{type(e).__name__}: {e}"))
         raise RuntimeError(f"{type(self).__name__}: no usable sample near index {index} "
                            f"({MAX_SKIPS} consecutive failures, e.g. {skipped[-1]})")
 
     __getitem__ = load
+
+
+class _Lines:
+    """Decoded lines of a binary file that know the byte offset of the next line (a text-mode file cannot
+    tell() while it is iterated); a UTF-8 byte-order mark is stepped over."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+        f.seek(self.pos)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.f.readline()
+        if not line:
+            raise StopIteration
+        self.pos += len(line)
+        return line.decode("utf-8", errors="replace")
+
+
+class Rows:
+    """The records of a text file, read when asked for through their byte offsets. The index is one numpy
+    array (8 bytes a row), not Python lists of strings: a forked DataLoader worker shares its pages, where
+    merely reading a list's items writes their reference counts and copies every page into every worker.
+    rows[i] is line i (stripped), or with a CSV header the dict of the record that starts there."""
+
+    def __init__(self, path, starts, header=None):
+        self.path, self.starts, self.header = path, np.asarray(starts, dtype=np.int64), header
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            f.seek(self.starts[i])
+            if self.header is None:
+                return f.readline().decode("utf-8", errors="replace").strip()
+            return next(csv.DictReader(io.TextIOWrapper(f, "utf-8", "replace", newline=""), self.header))
 
 
 def _pair(record, root):
@@ -494,40 +545,57 @@ def _pair(record, root):
 
 class FilePairs(_SkipBadFiles):
     """Image-caption pairs from a manifest: JSONL lines {"image": path, "caption": text}, or a CSV with
-    image and caption columns; paths relative to the manifest's folder. Bad rows are skipped and counted
-    here (num_skipped; the first reasons in skipped), unreadable images when they are read."""
+    image and caption columns; paths relative to the manifest's folder. Every row is checked once here and
+    the usable ones indexed by byte offset (Rows); bad rows are skipped and counted here (num_skipped; the
+    first reasons in skipped), unreadable images when they are read."""
 
     def __init__(self, manifest_path, image_size, tokenizer, text_len, train=True):
         path = Path(manifest_path)
         if not path.is_file():
             raise FileNotFoundError(f"pairs manifest not found: {path}")
         self.image_size, self.tokenizer, self.text_len, self.train = image_size, tokenizer, text_len, train
-        self.files, self.captions, self.skipped, self.num_skipped = [], [], [], 0
-        root = os.path.abspath(path.parent)
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        self.root, starts, self.skipped, self.num_skipped = os.path.abspath(path.parent), array.array("q"), [], 0
+        header, reader, line_no = None, None, 0
+        with open(path, "rb") as f:
+            lines = _Lines(f)
             if path.suffix.lower() == ".csv":
-                reader = csv.DictReader(f)
-                missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
+                reader = csv.DictReader(lines)
+                header = reader.fieldnames or []
+                missing = [c for c in ("image", "caption") if c not in header]
                 if missing:
-                    raise ValueError(f"{path}: CSV header lacks the column(s) {missing} (has {reader.fieldnames})")
-                records = ((reader.line_num, row) for row in reader)
-            else:
-                records = ((line_no, line) for line_no, line in enumerate(f, 1) if line.strip())
-            for line_no, record in records:
+                    raise ValueError(f"{path}: CSV header lacks the column(s) {missing} (has {header})")
+            while True:
+                start = lines.pos  # a CSV record may span lines, a JSONL record is one
+                record = next(reader or lines, None)
+                if record is None:
+                    break
+                line_no = reader.line_num if reader else line_no + 1
+                if reader is None and not record.strip():
+                    continue
                 try:
-                    file, caption = _pair(record, root)
+                    _pair(record, self.root)
+                    starts.append(start)
                 except ValueError as e:
                     self.num_skipped += 1
                     self.skipped += [(line_no, str(e))] if len(self.skipped) < 20 else []
-                    continue
-                self.files.append(file)
-                self.captions.append(caption)
-        if not self.files:
+        self.rows = Rows(path, starts, header)
+        if not len(self.rows):
             raise ValueError(f"{path}: no usable rows ({self.num_skipped} skipped, e.g. {self.skipped[:3]})")
 
+    def __len__(self):
+        return len(self.rows)
+
+    def pair(self, i):
+        """(absolute image path, caption) of usable row i, read from the manifest now."""
+        return _pair(self.rows[i], self.root)
+
+    def name(self, i):
+        return self.pair(i)[0]
+
     def _read(self, i, rng=None):
-        ids, attn = self.tokenizer.encode(self.captions[i], self.text_len)
-        image = read_image(self.files[i], self.image_size, self.train, rng, self.squash)
+        file, caption = self.pair(i)
+        ids, attn = self.tokenizer.encode(caption, self.text_len)
+        image = read_image(file, self.image_size, self.train, rng, self.squash)
         return {"image": image, "ids": ids[0], "attn": attn[0]}
 
 
@@ -558,31 +626,234 @@ class ImageFolder(_SkipBadFiles):
 
 
 class TextFile:
-    """One passage a line; blank lines skipped; invalid UTF-8 replaced rather than fatal."""
+    """One passage a line, indexed by byte offset (Rows); blank lines skipped; invalid UTF-8 replaced."""
 
     def __init__(self, path, tokenizer, text_len):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
-        self.tokenizer, self.text_len = tokenizer, text_len
-        with open(path, encoding="utf-8", errors="replace") as f:
-            # 64 characters a token is plenty: a longer line's tail could never fit in text_len
-            self.lines = [line.strip()[: 64 * text_len] for line in f if line.strip()]
-        if not self.lines:
+        self.tokenizer, self.text_len, starts = tokenizer, text_len, array.array("q")
+        with open(path, "rb") as f:
+            lines = _Lines(f)
+            start = lines.pos
+            for line in lines:
+                if line.strip():
+                    starts.append(start)
+                start = lines.pos
+        self.lines = Rows(path, starts)
+        if not len(self.lines):
             raise ValueError(f"{path}: no non-blank lines")
 
     def __len__(self):
         return len(self.lines)
 
     def load(self, i):
-        ids, attn = self.tokenizer.encode(self.lines[i], self.text_len)
+        # 64 characters a token is plenty: a longer line's tail could never fit in text_len
+        ids, attn = self.tokenizer.encode(self.lines[i][: 64 * self.text_len], self.text_len)
         return {"ids": ids[0], "attn": attn[0]}  # (L,), (L,)
 
     __getitem__ = load
 
 
 # -----------------------------------------------------------------------------
-# Mixing sources: one source per step, the same on every rank (FLAVA §3.3: each update one whole batch of one source)
+# Tar shards: web-scale pairs in the WebDataset layout, streamed
+
+SHARD_IMAGES, SHARD_TEXTS = ("jpg", "jpeg", "png", "webp"), ("txt", "json")
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _expand(spec):
+    m = _RANGE.search(spec)  # "{00000..00099}": every number between, as wide as the first bound
+    return [spec] if not m else [p for i in range(int(m[1]), int(m[2]) + 1)
+                                 for p in _expand(spec[: m.start()] + str(i).zfill(len(m[1])) + spec[m.end():])]
+
+
+def shard_list(spec):
+    """--shards SPEC -> tar paths: a folder (its *.tar), a glob, or brace ranges ('data/{00000..00099}.tar', as
+    OpenCLIP's --train-data). A listed shard that is missing stays listed: reading it fails and is counted."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    else:
+        paths = [q for p in _expand(spec) for q in (sorted(glob.glob(p)) if set("*?[") & set(p) else [p])]
+    if not any(os.path.isfile(p) for p in paths):
+        raise FileNotFoundError(f"--shards {spec}: no tar shard there (expected a folder of .tar files, a glob, "
+                                f"or brace ranges like data/{{00000..00099}}.tar)")
+    return paths
+
+
+def tar_groups(path, skip=0):
+    """The samples of an uncompressed WebDataset tar in order: (key, {ext: (offset, size, bytes)}) for each run
+    of consecutive members with one key (the name up to the first dot of its last part), after the first `skip`
+    (passed over unread). A tar that stops without its end-of-archive block was cut short: a ReadError."""
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        key, group, n = None, {}, -1
+        for info in tar:
+            if not info.isfile():
+                continue
+            cut = info.name.find(".", info.name.rfind("/") + 1)
+            name, ext = (info.name[:cut], info.name[cut + 1:].lower()) if cut >= 0 else (info.name, "")
+            if name != key:
+                if n >= skip:
+                    yield key, group
+                key, group, n = name, {}, n + 1
+            if n >= skip:
+                group[ext] = (info.offset_data, info.size, tar.extractfile(info).read())
+        if n >= skip:
+            yield key, group
+        f.seek(tar.offset)  # tarfile ends quietly at a cut or a damaged header; a whole tar ends in zero blocks
+        if f.read(512) != bytes(512):
+            raise tarfile.ReadError("no end-of-archive block after its last sample: cut short or damaged")
+
+
+class TarShards:
+    """Image-caption pairs streamed from tar shards (FLAVA's PMD and FLIP's LAION are distributed this way):
+    KEY.jpg|jpeg|png|webp + KEY.txt, or KEY.json with a "caption" field. No length and no index: the trainer
+    streams it (ShardStream, Batches), with the same transforms as files; a bad sample and an unreadable shard
+    are skipped and counted as a bad file is."""
+
+    def __init__(self, spec, image_size, tokenizer, text_len, buffer=1000):
+        self.shards, self.buffer = shard_list(spec), buffer
+        self.image_size, self.tokenizer, self.text_len = image_size, tokenizer, text_len
+
+    def shard(self, pos, seed):
+        """The shard at place pos of the endless sequence of epochs, each the shards in a fresh order."""
+        return self._order(seed, pos // len(self.shards))[pos % len(self.shards)]
+
+    @functools.lru_cache(maxsize=4)
+    def _order(self, seed, epoch):
+        n = len(self.shards)
+        return [self.shards[i] for i in permute(np.arange(n), n, f"{seed}/shards/{epoch}")]
+
+    @staticmethod
+    def lacks(group):
+        missing = [what for what, exts in (("an image", SHARD_IMAGES), ("a caption", SHARD_TEXTS))
+                   if not set(exts) & group.keys()]
+        return f"no {' and no '.join(missing)} among its members {sorted(group)}" if missing else None
+
+    @staticmethod
+    def caption(group):
+        if "txt" in group:
+            text = group["txt"][2].decode("utf-8", errors="replace")
+        else:
+            row = json.loads(group["json"][2])
+            text = row.get("caption") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("blank caption, or no caption string in the .json")
+        return text
+
+    def captions(self, limit):
+        """Up to limit captions from the shards in listed order (a vocabulary's corpus); bad ones passed over."""
+        out = []
+        for path in self.shards:
+            try:
+                for _, group in tar_groups(path):
+                    out += [self.caption(group)] if len(out) < limit and not self.lacks(group) else []
+            except Exception:  # unreadable shards and captions are counted when training reads them
+                pass
+            if len(out) >= limit:
+                break
+        return out
+
+    def decode(self, group, rng):
+        image = read_image(io.BytesIO(group[next(e for e in SHARD_IMAGES if e in group)][2]), self.image_size,
+                           True, rng)
+        ids, attn = self.tokenizer.encode(self.caption(group), self.text_len)
+        return {"image": image, "ids": ids[0], "attn": attn[0]}
+
+
+class _ShardReader:
+    """Reader j of R (every DataLoader worker of every rank is one). The epochs' shard orders laid end to end
+    are an endless sequence of places; reader j reads places j, j + R, j + 2R, ..., so in each epoch each shard
+    is read by one reader. Samples pass a shuffle buffer (hold `buffer`, emit a random one, refill its slot).
+    state() is small and exact: the place, samples taken from its shard, the buffer as references (place, key,
+    member offsets) and samples emitted; a reader built from it continues as if never stopped."""
+
+    def __init__(self, source, seed, j, R, state=None):
+        self.source, self.seed, self.j, self.R, self.samples, self.pending = source, seed, j, R, None, []
+        state = state or {"pos": j, "taken": 0, "emitted": 0, "buffer": []}
+        self.pos, self.taken, self.emitted = state["pos"], state["taken"], state["emitted"]
+        self.buffer = [self._reread(*ref) for ref in state["buffer"]]
+
+    def state(self):
+        refs = [(pos, key, [(e, o, s) for e, (o, s, _) in group.items()]) for pos, key, group in self.buffer]
+        return {"pos": self.pos, "taken": self.taken, "emitted": self.emitted, "buffer": refs}
+
+    def _reread(self, pos, key, members):
+        group = {}
+        with open(self.source.shard(pos, self.seed), "rb") as f:
+            for ext, offset, size in members:
+                f.seek(offset)
+                group[ext] = (offset, size, f.read(size))
+        return pos, key, group
+
+    def _next_group(self):
+        failed, bad = 0, 0  # unreadable shards and incomplete samples in a row
+        while True:
+            path = self.source.shard(self.pos, self.seed)
+            self.samples = self.samples or tar_groups(path, skip=self.taken)
+            try:
+                key, group = next(self.samples)
+                self.taken += 1
+                reason = self.source.lacks(group)
+                if reason is None:
+                    return self.pos, key, group
+                self.pending.append((f"{path}:{key}", reason))
+                bad += 1
+                if bad > MAX_SKIPS:
+                    raise RuntimeError(f"{MAX_SKIPS} samples in a row are incomplete, e.g. {path}:{key}: {reason}")
+                continue
+            except StopIteration:
+                pass
+            except Exception as e:  # OSError, tarfile.ReadError, ...: the shard's samples read so far were used
+                self.pending.append((path, f"{type(e).__name__}: {e}"))
+                failed += 1
+                if failed > len(self.source.shards):
+                    raise RuntimeError(f"no shard of {len(self.source.shards)} is readable, e.g. {self.pending[-1]}")
+            self.samples, self.pos, self.taken = None, self.pos + self.R, 0
+
+    def next_sample(self):
+        """The next sample out of the buffer, with skipped: every (shard or shard:key, reason) passed over."""
+        for _ in range(MAX_SKIPS):
+            while len(self.buffer) < self.source.buffer:
+                self.buffer.append(self._next_group())
+            slot = random.Random(f"{self.seed}/{self.j}/{self.emitted}").randrange(len(self.buffer))
+            (pos, key, group), self.buffer[slot] = self.buffer[slot], self._next_group()
+            self.emitted += 1
+            shard = self.source.shard(pos, self.seed)
+            try:  # the crop: a function of the sample and its epoch, whichever reader reads it
+                rng = random.Random(f"{self.seed}/{os.path.basename(shard)}/{key}/{pos // len(self.source.shards)}")
+                sample = self.source.decode(group, rng)
+            except Exception as e:
+                self.pending.append((f"{shard}:{key}", f"{type(e).__name__}: {e}"))
+                continue
+            sample["skipped"], self.pending = self.pending, []
+            return sample
+        raise RuntimeError(f"{MAX_SKIPS} samples in a row could not be decoded, e.g. {self.pending[-1]}")
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's endless batches of a streamed source: (name, batch), the batch carrying stream = (reader,
+    its state after the batch). With W workers the DataLoader takes batch k from worker k % W (it reads its
+    workers in turn); so that a resumed loader, which starts at worker 0, continues batch k0 with reader
+    k0 % W, worker w plays reader (k0 + w) % W. state: {"batches": k0, "readers": {j: state}} (see Batches)."""
+
+    def __init__(self, source, name, local_batch, seed, rank, world_size, state):
+        self.source, self.name, self.local_batch, self.seed = source, name, local_batch, seed
+        self.rank, self.world_size, self.state = rank, world_size, state
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        j = self.rank * W + (self.state["batches"] + w) % W
+        reader = _ShardReader(self.source, self.seed, j, self.world_size * W, self.state["readers"].get(j))
+        while True:
+            name, batch = collate([{**reader.next_sample(), "source": self.name} for _ in range(self.local_batch)])
+            batch["stream"] = (j, reader.state())
+            yield name, batch
+
+
+# -----------------------------------------------------------------------------
+# Mixing sources: one source per step, the same on every rank (design.md §3)
 
 
 class Mixture(torch.utils.data.Dataset):
@@ -599,19 +870,46 @@ class Mixture(torch.utils.data.Dataset):
         return {**self.sources[source][index], "source": source}
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed, source, epoch, n):
-    return np.random.default_rng(random.Random(f"{seed}/{source}/{epoch}").getrandbits(64)).permutation(n)
+@functools.lru_cache(maxsize=64)
+def _round_keys(key):
+    return np.array([random.Random(f"{key}/{r}").getrandbits(64) for r in range(6)], dtype=np.uint64)
+
+
+def _mix(z):  # splitmix64's finaliser: every output bit depends on every input bit
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(x, n, key):
+    """A bijection of [0, n) chosen by the string key, applied to the positions x (ints): six rounds of a
+    balanced Feistel network on the smallest even number of bits that covers n, cycle-walked back into
+    [0, n) (Black & Rogaway 2002, "Ciphers with arbitrary finite domains"; the domain is < 4n, so < 4
+    rounds of walking on average). O(1) memory for any n, where a shuffled list of 2^31 positions is 16 GB."""
+    half = max(1, ((int(n) - 1).bit_length() + 1) // 2)
+    mask, shift, keys = np.uint64((1 << half) - 1), np.uint64(half), _round_keys(key)
+
+    def feistel(v):  # (left, right) -> (right, left ^ F(right)): invertible whatever F is
+        left, right = v >> shift, v & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << shift) | right
+
+    y = feistel(np.asarray(x, dtype=np.uint64))
+    while (out := y >= n).any():  # walk the cycle until it re-enters [0, n): still a bijection of [0, n)
+        y[out] = feistel(y[out])
+    return y.astype(np.int64)
 
 
 class MixtureBatchSampler:
     """Per step: the source (a pure function of seed and step, so every rank draws the same one), then
     this rank's local_batch (source, index) keys. The k-th step that draws a source reads positions
     k*global_batch ... (k+1)*global_batch - 1 of that source's stream, rank r its r-th slice of them.
-    The stream runs through a fresh permutation each epoch and wraps into the next, so no rank ever
-    runs out (shards of unequal length are padded by wrapping; nothing is dropped), and a sampler built
-    with start_step=s yields exactly what an uninterrupted one does. With seeds=True a key also carries
-    the sample's seed, "seed/source/position": its augmentation then depends on nothing else."""
+    The stream runs through a fresh permutation each epoch (permute: any size, no list of positions)
+    and wraps into the next, so no rank ever runs out (shards of unequal length are padded by wrapping;
+    nothing is dropped), and a sampler built with start_step=s yields exactly what an uninterrupted one
+    does. With seeds=True a key also carries the sample's seed, "seed/source/position": its augmentation
+    then depends on nothing else. A source of size None is streamed: its steps are left to its own loader."""
 
     def __init__(self, sizes, probs, global_batch, rank=0, world_size=1, seed=0, start_step=0, steps=None,
                  seeds=False):
@@ -624,32 +922,37 @@ class MixtureBatchSampler:
         self.cdf = list(np.cumsum([probs[s] / total for s in self.names]))
         self.sizes, self.global_batch, self.local_batch = dict(sizes), global_batch, global_batch // world_size
         self.rank, self.seed, self.start_step, self.steps = rank, seed, start_step, steps  # steps: where to stop
-        self.seeds = seeds
+        self.seeds, self.world_size = seeds, world_size
         self.drawn = collections.Counter(self.source_at(t) for t in range(start_step))  # k of each source
 
     def source_at(self, step):
         u = random.Random(f"{self.seed}/{step}").random()
         return self.names[min(bisect.bisect_right(self.cdf, u), len(self.names) - 1)]
 
-    def index(self, source, g):
-        """Stream position g -> sample index: position g % n of epoch g // n's permutation."""
-        n = self.sizes[source]
-        if n > 2**25:  # synthetic (or huge) sources: no permutation in memory; their order is random anyway
-            return g % n
-        return int(_permutation(self.seed, source, g // n, n)[g % n])
+    def indices(self, source, positions):
+        """Stream positions g -> sample indices: place g % n of epoch g // n's permutation of [0, n)."""
+        n, g = self.sizes[source], np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(g)
+        for epoch in np.unique(g // n).tolist():
+            at = g // n == epoch
+            out[at] = permute(g[at] % n, n, f"{self.seed}/{source}/{epoch}")
+        return out.tolist()
 
     def __iter__(self):
         drawn, step = collections.Counter(self.drawn), self.start_step
         while self.steps is None or step < self.steps:
             source = self.source_at(step)
+            step += 1
+            if self.sizes[source] is None:  # a streamed source: its own loader serves this step (Batches)
+                continue
             base = drawn[source] * self.global_batch + self.rank * self.local_batch
             drawn[source] += 1
             positions = range(base, base + self.local_batch)
+            indices = self.indices(source, positions)
             if self.seeds:
-                yield [(source, self.index(source, g), f"{self.seed}/{source}/{g}") for g in positions]
+                yield [(source, i, f"{self.seed}/{source}/{g}") for g, i in zip(positions, indices)]
             else:
-                yield [(source, self.index(source, g)) for g in positions]
-            step += 1
+                yield [(source, i) for i in indices]
 
 
 def collate(samples):
@@ -672,8 +975,113 @@ def make_loader(mixture, batch_sampler, num_workers=0, pin_memory=False):
                                        persistent_workers=num_workers > 0)
 
 
-if __name__ == "__main__":  # a look at the world: 64 scenes, and the captions of the first 8
-    world = ShapesWorld()
-    rows = [np.concatenate([world.render(world.scene("train", 8 * r + c)) for c in range(8)], 1) for r in range(8)]
-    Image.fromarray(np.concatenate(rows)).save("shapes_world.png")
-    print(*(world.caption(world.scene("train", i), random.Random(i)) for i in range(8)), sep="\n")
+class Batches:
+    """(source, batch) for each step from the sampler's start_step on: the map-style sources through one
+    DataLoader over the Mixture (the sampler's keys), each streamed source through its own (ShardStream); the
+    sampler's choice of source, the same on every rank, says which loader serves a step. state() is what a
+    checkpoint keeps of the streams: the batches taken, and this rank's readers (the trainer gathers all ranks').
+    A state saved by another number of readers (world size x workers) cannot be continued exactly: the readers
+    restart at the lowest place not finished, with empty buffers; of that epoch, what the old buffers held is
+    not seen (at most one buffer per old reader), and the shards read beyond that place are read again."""
+
+    def __init__(self, mixture, sampler, num_workers=0, pin_memory=False, states=None):
+        self.sampler, self.step, self.streams, self.states = sampler, sampler.start_step, {}, {}
+        W = max(1, num_workers)
+        R, self.mine = sampler.world_size * W, range(sampler.rank * W, (sampler.rank + 1) * W)
+        for name in [s for s in sampler.names if sampler.sizes[s] is None]:
+            old = (states or {}).get(name) or {"batches": 0, "readers": {}, "R": R}
+            readers = dict(old["readers"])
+            if old["R"] != R:  # saved by another topology: see above
+                start = min(readers.get(i, {"pos": i})["pos"] for i in range(old["R"]))
+                readers = {j: {"pos": start + j, "taken": 0, "emitted": 0, "buffer": []} for j in range(R)}
+            self.states[name] = {"batches": old["batches"], "readers": readers, "R": R}
+            stream = ShardStream(mixture.sources[name], name, sampler.local_batch, sampler.seed, sampler.rank,
+                                 sampler.world_size, self.states[name])
+            self.streams[name] = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                                                  pin_memory=pin_memory,
+                                                                  persistent_workers=num_workers > 0))
+        mapped = any(sampler.sizes[s] is not None for s in sampler.names)
+        self.mixture = iter(make_loader(mixture, sampler, num_workers, pin_memory)) if mapped else None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        source = self.sampler.source_at(self.step)
+        self.step += 1
+        if source not in self.streams:
+            return next(self.mixture)
+        name, batch = next(self.streams[source])
+        reader, state = batch.pop("stream")
+        self.states[source]["readers"][reader] = state
+        self.states[source]["batches"] += 1
+        return name, batch
+
+    def state(self):
+        return {name: {**s, "readers": {j: r for j, r in s["readers"].items() if j in self.mine}}
+                for name, s in self.states.items()}
+
+
+def write_shards(manifest, out_dir, per_shard=10_000):
+    """A JSONL/CSV manifest -> out_dir/00000.tar, 00001.tar, ...: usable row i becomes the sample KEY.<ext> +
+    KEY.txt, KEY its number; image bytes are copied as they are (a format the readers do not take is
+    re-encoded as PNG), an unreadable file is left out. Then every shard is read back and its samples
+    counted. -> (samples written, shard paths, [(file, reason) left out], manifest rows skipped)"""
+    rows, left_out, paths, written = FilePairs(manifest, 0, None, 0), [], [], []
+    os.makedirs(out_dir, exist_ok=True)
+    for first in range(0, len(rows), per_shard):
+        paths.append(os.path.join(out_dir, f"{first // per_shard:05d}.tar"))
+        written.append(0)
+        with tarfile.open(paths[-1] + ".tmp", "w") as tar:
+            for i in range(first, min(first + per_shard, len(rows))):
+                file, caption = rows.pair(i)
+                ext = Path(file).suffix.lower().lstrip(".")
+                try:
+                    if ext in SHARD_IMAGES:
+                        payload = Path(file).read_bytes()
+                    else:
+                        with Image.open(file) as img, io.BytesIO() as buf:
+                            _to_rgb(img).save(buf, "PNG")
+                            payload, ext = buf.getvalue(), "png"
+                except Exception as e:
+                    left_out.append((file, f"{type(e).__name__}: {e}"))
+                    continue
+                for member, content in ((f"{i:09d}.{ext}", payload), (f"{i:09d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+                written[-1] += 1
+        os.replace(paths[-1] + ".tmp", paths[-1])
+    for path, n in zip(paths, written):  # the check: each shard whole, with every sample complete
+        found = sum(TarShards.lacks(group) is None for _, group in tar_groups(path))
+        if found != n:
+            raise RuntimeError(f"{path}: wrote {n} samples but {found} read back")
+    return sum(written), paths, left_out, rows.num_skipped
+
+
+def main(argv):
+    """python data.py: a look at the world (64 scenes, the captions of the first 8); python data.py shards
+    MANIFEST OUT_DIR --per_shard N: tar shards from a manifest, checked."""
+    if argv[:1] != ["shards"]:
+        world = ShapesWorld()
+        rows = [np.concatenate([world.render(world.scene("train", 8 * r + c)) for c in range(8)], 1) for r in range(8)]
+        Image.fromarray(np.concatenate(rows)).save("shapes_world.png")
+        return print(*(world.caption(world.scene("train", i), random.Random(i)) for i in range(8)), sep="\n")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="data.py shards", description="WebDataset tar shards from a manifest")
+    parser.add_argument("manifest", help="JSONL/CSV manifest of image-caption pairs")
+    parser.add_argument("out_dir", help="where 00000.tar, 00001.tar, ... go")
+    parser.add_argument("--per_shard", type=int, default=10_000, help="samples per shard")
+    args = parser.parse_args(argv[1:])
+    try:
+        n, paths, left_out, bad_rows = write_shards(args.manifest, args.out_dir, args.per_shard)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"data.py: error: {e}\n")
+    print(f"wrote {n} samples into {len(paths)} shards, each read back whole; left out: {bad_rows} bad manifest "
+          f"rows, {len(left_out)} unreadable images {left_out[:5]}\n"
+          f"train with: --shards '{os.path.join(args.out_dir, '{00000..%05d}.tar' % (len(paths) - 1))}'")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import textwrap
 import time
 
@@ -174,17 +175,33 @@ def fusion_metrics(model, dvae, tokenizer, world, images, captions, mask_ratio, 
     return results
 
 
-def recall_at_k(sim, ks=(1, 5, 10)):
-    """sim (Q, C): query q's true candidate is column q. R@k = share of queries whose true
-    candidate ranks in the top k; a tie with the true candidate counts against it (pessimistic)."""
-    true = sim.diagonal()[:, None]  # (Q, 1)
-    rank = (sim >= true).sum(dim=1) - 1  # (Q,) candidates scoring at least as high, minus itself
+def recall_at_k(sim, ks=(1, 5, 10), correct=None):
+    """sim (Q, C), correct (Q, C) bool: which candidates are right for each query (default: column q for
+    query q). R@k = share of queries whose best-scoring right candidate ranks in the top k; a wrong
+    candidate tied with it counts against it (pessimistic)."""
+    correct = torch.eye(*sim.shape, dtype=torch.bool) if correct is None else correct
+    best = sim.masked_fill(~correct, -math.inf).max(dim=1, keepdim=True).values  # (Q, 1)
+    rank = ((sim >= best) & ~correct).sum(dim=1)  # (Q,) wrong candidates scoring at least as high
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval(sim, ks=(1, 5, 10)):
-    """Zero-shot retrieval among n pairs; sim (n, n) = image_emb @ text_emb.T, cosine similarities."""
-    i2t, t2i = recall_at_k(sim, ks), recall_at_k(sim.T, ks)
+def retrieval(sim, image_of=None, captions=None, ks=(1, 5, 10)):
+    """Zero-shot retrieval by COCO's and Flickr30k's protocol (the Karpathy split's, FLAVA's): sim (I, T) =
+    image_emb @ text_emb.T over I distinct images and T captions, image_of (T,) the image of each caption
+    (default: caption t is image t's only one). Image -> text hits when any of the image's captions is in the
+    top k, text -> image when the caption's one image is. Given the caption strings, a caption identical to
+    one of an image's own is right for that image too (repeated captions score exactly alike)."""
+    I, T = sim.shape
+    image_of = torch.arange(T) if image_of is None else image_of
+    own = image_of[None, :] == torch.arange(I)[:, None]  # (I, T)
+    correct = own
+    if captions is not None:
+        ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
+        text = torch.tensor([ids[c] for c in captions])  # (T,) one id per distinct string
+        said = torch.zeros(I, len(ids), dtype=torch.bool)
+        said[image_of, text] = True  # (I, U): image i has a caption saying u
+        correct = said[:, text]  # (I, T)
+    i2t, t2i = recall_at_k(sim, ks, correct), recall_at_k(sim.T, ks, own.T)
     return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()}}
 
 
@@ -280,6 +297,21 @@ def read_files(ds, indices):
     return torch.stack([s["image"] for _, s in good]), good, bad
 
 
+def retrieval_set(ds, n):
+    """The first n rows of a data.FilePairs as the retrieval protocol has them: one image per distinct file
+    (read once), its captions, an exact duplicate row once. -> images (I, 3, S, S), captions [T], image_of (T,),
+    unreadable files (dropped with their captions)."""
+    first, rows = {}, {}
+    for i in range(min(n, len(ds))):
+        file, caption = ds.pair(i)
+        first.setdefault(file, i)
+        rows[file, caption] = None  # a dict: ordered, duplicates once
+    images, good, bad = read_files(ds, list(first.values()))
+    at = {ds.pair(i)[0]: k for k, (i, _) in enumerate(good)}  # file -> its image's place
+    kept = [(file, caption) for file, caption in rows if file in at]
+    return images, [c for _, c in kept], torch.tensor([at[f] for f, _ in kept]), bad
+
+
 def subset(n, cap):
     """Up to cap of n indices in a fixed random order (a folder lists class after class; splits go by position)."""
     return random.Random(0).sample(range(n), min(n, cap))
@@ -355,7 +387,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
         images, captions, _ = synthetic_pairs(world, n_pairs)
         sim = image_features(model, images, device, autocast)[1] @ text_features(model, tokenizer, captions, device,
                                                                                  autocast)[1].T  # (n, n)
-        results.update(retrieval(sim), retrieval_pairs=n_pairs)
+        results.update(retrieval(sim, captions=captions), retrieval_pairs=n_pairs)
     return results
 
 
@@ -373,18 +405,22 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
     # ---- retrieval, ITM and fusion (with neither pairs nor a world, e.g. only --classes: none) -------------
     results, shown, skipped, scenes = {}, {}, 0, []
     if pairs is not None or world is not None:
-        if pairs is not None:
-            images, good, skipped = read_files(pairs, range(min(n_pairs, len(pairs))))
-            captions, skipped = [pairs.captions[i] for i, _ in good], skipped + pairs.num_skipped
+        if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
+            images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
+            skipped += pairs.num_skipped
         else:
             images, captions, scenes = synthetic_pairs(world, n_pairs)
-        sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (n, n)
-        results = {**retrieval(sim), "retrieval_pairs": len(captions)}
-        results |= run(itm_metrics, tokenizer, images, captions, scenes, world)
+            image_of = torch.arange(len(captions))
+        sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
+        results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
+                   "retrieval_images": len(images)}
+        first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
+        one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
+        results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
         if dvae is not None:
-            results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, captions,
+            results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
                            mask_ratio)
-        shown = {"images": images, "captions": captions, "sim": sim}
+        shown = {"images": images, "captions": captions, "sim": sim, "image_of": image_of}
     # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
     if classes is not None:
         zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
@@ -519,13 +555,13 @@ def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, de
     """retrieval.png, masks.png, dvae.png and (with a log) loss_curves.png in out_dir -> their paths."""
     images, cfg, figures = shown["images"], model.cfg, {}
     if "sim" in shown:  # text -> image retrieval: captions beside their top-5 images, the true one framed green
-        captions, sim = shown["captions"], shown["sim"]
+        captions, sim, true = shown["captions"], shown["sim"], shown["image_of"].tolist()
         queries = range(min(4, len(captions)))
-        top = [sim[:, q].topk(min(5, len(captions))).indices for q in queries]  # each (5,)
-        rank = [int((sim[:, q] >= sim[q, q]).sum()) for q in queries]  # ties count against, as in recall_at_k
+        top = [sim[:, q].topk(min(5, len(images))).indices for q in queries]  # each (5,)
+        rank = [int((sim[:, q] >= sim[true[q], q]).sum()) for q in queries]  # ties count against, as in recall_at_k
         figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
             f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
-            frames=[(40, 160, 60) if i == q else (200, 200, 200) for q in queries for i in top[q].tolist()])
+            frames=[(40, 160, 60) if i == true[q] else (200, 200, 200) for q in queries for i in top[q].tolist()])
     # what the model sees: BEiT's block mask (MIM / MMM, grey) and FLIP's 50% drop (contrastive pass, black)
     gen, shows = torch.Generator().manual_seed(0), []
     for image in images[:3]:
@@ -591,7 +627,8 @@ def main(argv=None):
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
         S, L = model.cfg.image_size, model.cfg.text_len
-        synthetic = not train_cfg.get("pairs") and "converted_from" not in ckpt  # published weights: real data
+        files = train_cfg.get("pairs") or train_cfg.get("shards")  # trained on files, or published: real data
+        synthetic = not files and "converted_from" not in ckpt
         world = data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0)) if synthetic else None
         pairs, classes, prompts = held_out_files(args, tokenizer, model.cfg, ckpt.get("preprocess") == "squash")
         texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
@@ -600,8 +637,9 @@ def main(argv=None):
         if world is None and pairs is None and classes is None:
             raise ValueError(f"{args.ckpt or args.hf} was not trained on the synthetic world: give held-out pairs "
                              "with --pairs and/or an image folder with --classes (and --texts for more tasks)")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"eval.py: {e}") from None
+    except (FileNotFoundError, ValueError) as e:  # one line naming the path and what was expected, as argparse
+        print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts, prompts, mask_ratio)

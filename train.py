@@ -10,19 +10,23 @@ pass, then tune briefly without dropping.
     python train.py --help                         # every flag, grouped
     torchrun --nproc_per_node=2 train.py           # the same on 2 processes (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
+    torchrun --nproc_per_node=8 train.py --preset base --shards 'pmd/{00000..07000}.tar' --images imagenet/train
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
-    python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped
+    python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
     python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
-Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt, eval.json.
+Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt (and the last --keep_ckpts as ckpt_<step>.pt), eval.json.
 """
 import argparse
 import inspect
+import io
 import json
 import math
 import os
 import random
 import re
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -50,6 +54,8 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     preset: str = "tiny"  # model and recipe preset (tiny | small | base); explicit flags override its values
     out_dir: str = "out"  # where config.json, log.jsonl, dvae.pt, ckpt.pt and eval.json go
     pairs: str = ""  # JSONL/CSV manifest of image-caption pairs; empty = the synthetic shapes world
+    shards: str = ""  # or pairs streamed from WebDataset tar shards: a folder, a glob, or 'dir/{00000..00099}.tar'
+    shard_buffer: int = 1000  # shuffle buffer of each shard reader (samples held, per DataLoader worker)
     images: str = ""  # image folder tree for MIM (class = sub-folder); empty = synthetic (or none if pairs given)
     texts: str = ""  # text file for MLM, one passage a line; empty = synthetic (or none if pairs given)
     vocab: str = ""  # a BERT vocab.txt to use instead of building a word-piece vocabulary from the data
@@ -79,6 +85,8 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     log_every: int = 25  # steps between log lines (the only host-device synchronisation)
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     resume: bool = False  # continue from out_dir/ckpt.pt
+    resume_changes: str = "refuse"  # refuse | ok: a resume whose flags change the run stops, listing them, unless ok
+    keep_ckpts: int = 2  # also keep the last K checkpoints as ckpt_<step>.pt beside ckpt.pt (hard links; 0 = none)
     eval: bool = True  # evaluate on held-out data at the end (eval.json)
     eval_pairs: int = 1000  # retrieval set size for the end-of-run evaluation
     eval_every: int = 0  # steps between zero-shot checks during training (0 = only at the end; synthetic world)
@@ -148,6 +156,10 @@ def parse_args(argv=None):
         pick_device(train.device, int(os.environ.get("LOCAL_RANK", 0)))
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
+        if train.pairs and train.shards:
+            raise ValueError("give pairs as --pairs (a manifest) or as --shards (tar shards), not both")
+        if train.resume_changes not in ("refuse", "ok"):
+            raise ValueError(f"--resume_changes={train.resume_changes!r} must be refuse or ok")
     except ValueError as e:
         parser.error(str(e))
     return train, overrides, loss
@@ -292,6 +304,105 @@ def trim_log(path, step, keep_dvae):
     os.replace(f"{path}.tmp", path)
 
 
+# Flags that cannot change what a resumed run computes: where it writes, how often it logs, saves and evaluates,
+# how fast it loads, compiles and attends, what it recomputes. Any other difference from the checkpoint's flags is
+# refused (or accepted: --resume_changes ok).
+HARMLESS = {"out_dir", "log_every", "ckpt_every", "keep_ckpts", "workers", "compile", "device", "resume",
+            "resume_changes", "eval", "eval_pairs", "eval_every", "attn", "grad_ckpt"}
+
+
+def fail(error):
+    """Bad input at the start: one line naming the path and what was expected, exit status 2 (as argparse's)."""
+    print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_resume_flags(path, ckpt, current, accept):
+    """current: {"train_cfg": ..., "model_cfg": ..., "loss_cfg": ...} of this run, as the checkpoint stores them.
+    -> the differences, as '--flag old -> new'; a ValueError listing them unless accept."""
+    changes = [f"--{k} {ckpt[part][k]!r} -> {v!r}" for part, now in current.items() for k, v in now.items()
+               if k not in HARMLESS and k in ckpt.get(part, {}) and ckpt[part][k] != v]  # absent: an older format
+    if changes and not accept:
+        raise ValueError(f"{path} was saved with other flags, and resuming would change the run: {'; '.join(changes)}. "
+                         "Resume with its flags, or pass --resume_changes ok to continue with these")
+    return changes
+
+
+def broadcast_bytes(blob, rank, device, chunk=1 << 28):
+    """Rank 0's bytes (a bytearray, or None) on every rank, in chunks through the process group."""
+    size = torch.tensor([-1 if blob is None else len(blob)], device=device)
+    dist.broadcast(size, 0)
+    if size.item() < 0:
+        return None
+    buf = torch.frombuffer(blob, dtype=torch.uint8) if rank == 0 else torch.empty(size.item(), dtype=torch.uint8)
+    for i in range(0, len(buf), chunk):
+        part = buf[i: i + chunk].to(device)  # NCCL moves device tensors only; gloo's device is the CPU
+        dist.broadcast(part, 0)
+        buf[i: i + chunk] = part.cpu()
+    return buf.numpy().tobytes()
+
+
+def decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0):
+    """Resume is decided once, by rank 0, which alone reads the disk: resume from ckpt.pt; else reuse dvae.pt
+    (stage 1 finished, no checkpoint yet) or --dvae_ckpt; else start afresh. Its flags are checked there, and
+    the decision and the file's bytes are broadcast: on node-local disks the other ranks may not see the files
+    (each deciding alone, rank 0 would resume at step s while the others start at 0, and the run would hang or
+    diverge). -> (checkpoint or None, dVAE state or None); a bad file or a refusal stops every rank alike."""
+    ckpt, dvae, path, error = None, None, None, None
+    if rank == 0:
+        try:
+            if cfg.resume and os.path.exists(ckpt_path):
+                path, ckpt = ckpt_path, load_checkpoint(ckpt_path)
+                for change in check_resume_flags(path, ckpt, current, cfg.resume_changes == "ok"):
+                    print0(f"--resume_changes ok: {change}")
+            elif cfg.dvae_ckpt or cfg.resume and os.path.exists(dvae_path):
+                path = cfg.dvae_ckpt or dvae_path
+                try:
+                    dvae = torch.load(path, map_location="cpu", weights_only=True)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"dVAE checkpoint {path} does not exist") from None
+                except Exception as e:
+                    raise ValueError(f"cannot read dVAE checkpoint {path}: {type(e).__name__}: {e}") from None
+            elif cfg.resume:
+                print0(f"--resume: no {ckpt_path} yet, so training starts at step 0")
+        except (FileNotFoundError, ValueError) as e:
+            error = str(e)
+    if world_size > 1:
+        decision = [error, ckpt is not None, dvae is not None, path]
+        dist.broadcast_object_list(decision, 0)
+        error, has_ckpt, has_dvae, path = decision
+        if not error and (has_ckpt or has_dvae):
+            blob = None
+            if rank == 0:
+                blob = bytearray(os.path.getsize(path))
+                with open(path, "rb") as f:
+                    f.readinto(blob)
+            blob = broadcast_bytes(blob, rank, device)
+            if rank != 0:
+                state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+                ckpt, dvae = (state, None) if has_ckpt else (None, state)
+    if error:
+        fail(error)
+    return ckpt, dvae
+
+
+def prune_checkpoints(ckpt_path, step, keep):
+    """ckpt_<step>.pt beside ckpt.pt (a hard link: no second copy on disk), and only the newest `keep` of them."""
+    if keep <= 0:
+        return
+    folder, numbered = os.path.dirname(ckpt_path), re.compile(r"ckpt_(\d+)\.pt")
+    path = os.path.join(folder, f"ckpt_{step:07d}.pt")
+    if os.path.exists(path):
+        os.remove(path)
+    try:
+        os.link(ckpt_path, path)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(ckpt_path, path)
+    found = sorted((int(m[1]), name) for name in os.listdir(folder) if (m := numbered.fullmatch(name)))
+    for _, name in found[:-keep]:
+        os.remove(os.path.join(folder, name))
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +411,19 @@ def trim_log(path, step, keep_dvae):
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):
     """The sources a run draws from (files where given, else the synthetic shapes world) and the
     tokenizer: from the checkpoint's vocabulary, a BERT vocab.txt, or built from the data's text."""
-    if cfg.pairs:
-        sources = {"pairs": data.FilePairs(cfg.pairs, mcfg.image_size, None, mcfg.text_len)}
+    if cfg.pairs or cfg.shards:
+        if cfg.pairs:
+            sources = {"pairs": data.FilePairs(cfg.pairs, mcfg.image_size, None, mcfg.text_len)}
+            corpus = [sources["pairs"].pair(i)[1] for i in range(min(len(sources["pairs"]), 200_000))
+                      if vocab is None and not cfg.vocab]
+        else:
+            sources = {"pairs": data.TarShards(cfg.shards, mcfg.image_size, None, mcfg.text_len, cfg.shard_buffer)}
+            corpus = sources["pairs"].captions(200_000) if vocab is None and not cfg.vocab else []
         if cfg.images:
             sources["images"] = data.ImageFolder(cfg.images, mcfg.image_size)
         if cfg.texts:
             sources["texts"] = data.TextFile(cfg.texts, None, mcfg.text_len)
-        world, corpus = None, sources["pairs"].captions + (sources["texts"].lines[:200_000] if cfg.texts else [])
+        world, corpus = None, corpus + (sources["texts"].lines[:200_000] if cfg.texts else [])
     else:
         world = data.ShapesWorld(image_size=mcfg.image_size, seed=cfg.seed)
         sources = {"pairs": data.SyntheticPairs(world, "train", None, mcfg.text_len),
@@ -325,12 +442,26 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):
     return sources, world, tokenizer
 
 
-def loader_for(cfg, mixture, probs, rank, world_size, start_step, device):
-    sizes = {k: len(v) for k, v in mixture.sources.items()}
+def loader_for(cfg, mixture, probs, rank, world_size, start_step, device, streams=None):
+    """(source, batch) per step (data.Batches); a source without a length (tar shards) is streamed, from the
+    saved state of its readers where given."""
+    sizes = {k: len(v) if hasattr(v, "__len__") else None for k, v in mixture.sources.items()}
     sampler = data.MixtureBatchSampler(sizes, probs, cfg.batch_size, rank, world_size, cfg.seed, start_step,
                                        seeds=True)  # each crop a function of (seed, source, stream position)
     workers = cfg.workers if cfg.workers >= 0 else (6 if device.type == "cuda" else 0)
-    return iter(data.make_loader(mixture, sampler, num_workers=workers, pin_memory=device.type == "cuda"))
+    return data.Batches(mixture, sampler, workers, device.type == "cuda", streams)
+
+
+def stream_states(batches, world_size):
+    """The streamed sources' reader states for a checkpoint: each rank knows only its own readers."""
+    states = batches.state() if batches is not None else {}
+    if world_size > 1 and states:  # every rank has the same streamed sources, so every rank is here
+        parts = [None] * world_size
+        dist.all_gather_object(parts, states)
+        for part in parts:
+            for name, state in part.items():
+                states[name]["readers"].update(state["readers"])
+    return states
 
 
 def load_init(cfg: TrainConfig, model_overrides: dict):
@@ -395,14 +526,17 @@ def main(argv=None):
 
     # The flags define the model, resumed or not; a resumed run takes its vocabulary from the checkpoint.
     # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
-    resume = load_checkpoint(ckpt_path) if cfg.resume and os.path.exists(ckpt_path) else None
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
-    init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
-    if resume is not None:
-        mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
-    elif cfg.resume:
-        print0(f"--resume: no {ckpt_path} yet, so training starts at step 0")
-    sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
+    try:  # bad input (a missing or empty manifest, shard folder, vocabulary, init or checkpoint): one line, exit 2
+        init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
+        current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
+            k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
+        resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
+        if resume is not None:
+            mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
+        sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
     if resume is None and init is None and "vocab_size" not in model_overrides:
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
@@ -447,10 +581,9 @@ def main(argv=None):
         dvae = image_tokenizer_for(mcfg).to(device)
         load_state(dvae, (resume or init)["dvae"],
                    f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
-    elif cfg.dvae_ckpt or os.path.exists(dvae_path) and cfg.resume:
+    elif dvae_state is not None:
         dvae = DVAE(mcfg).to(device)
-        load_state(dvae, torch.load(cfg.dvae_ckpt or dvae_path, map_location=device, weights_only=True),
-                   cfg.dvae_ckpt or dvae_path)
+        load_state(dvae, dvae_state, cfg.dvae_ckpt or dvae_path)
         print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
     else:
         dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped)
@@ -487,15 +620,18 @@ def main(argv=None):
 
     def save_checkpoint(at_step):
         nonlocal last_saved
+        streams = {"stage": name, "sources": stream_states(batches, world_size)}  # where tar shards were read to
         if rank == 0:
             save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
                          "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
-                         "vocab": tokenizer.vocab, "rng": rng_state(device), "counters": dict(counters)}, ckpt_path)
+                         "vocab": tokenizer.vocab, "rng": rng_state(device), "counters": dict(counters),
+                         "streams": streams}, ckpt_path)
+            prune_checkpoints(ckpt_path, at_step, cfg.keep_ckpts)
         last_saved = at_step
 
     # ---- stages 2-4 ------------------------------------------------------------------------------
-    plan = stages(cfg)
+    plan, name, batches = stages(cfg), None, None
     total = sum(n for _, _, n in plan)
     flops = {(name, src): flops_per_sample(mcfg, src, 1.0 if name == "unmasked" else loss_cfg.keep_ratio,
                                            loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction)
@@ -507,7 +643,9 @@ def main(argv=None):
             continue
         objective.cfg = loss_cfg if name != "unmasked" else LossConfig(**{**asdict(loss_cfg), "keep_ratio": 1.0})
         probs = stage_probs(cfg, name, sources)
-        batches = loader_for(cfg, mixture, probs, rank, world_size, step - first, device)
+        saved = resume.get("streams", {}) if resume else {}  # a stage resumed mid-way continues its streams
+        batches = loader_for(cfg, mixture, probs, rank, world_size, step - first, device,
+                             saved.get("sources") if saved.get("stage") == name else None)
         print0(f"stage {['unimodal', 'joint', 'unmasked'].index(name) + 2}: {name}, steps {first}-{first + n - 1}, "
                f"sources {probs}")
         while step < first + n:

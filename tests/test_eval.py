@@ -3,6 +3,7 @@ features, the VQA set against the scene graphs, masked inference's kept tokens, 
 checkpoints that are not ours, and the whole suite on a tiny random checkpoint (synthetic and files)."""
 import json
 import os
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -117,7 +118,15 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
+def refused(capsys, argv, message):
+    """eval.main(argv) stops as argparse does on bad input: exit status 2, one line on stderr matching message."""
+    with pytest.raises(SystemExit) as exit_:
+        E.main(argv)
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and re.match(rf"eval.py: error: .*({message})", line), line
+
+
+def test_checkpoints_that_are_not_ours_are_refused(tmp_path, capsys):
     model, dvae, cfg = tiny_model()
     good = {"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(), "model_cfg": asdict(cfg),
             "step": 0, "vocab": tokenizer().vocab}
@@ -130,14 +139,13 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path):
     expected = {"code.pt": "refusing", "keys.pt": "not a nanoFLAVA checkpoint", "format.pt": "not a nanoFLAVA",
                 "bytes.pt": "refusing|cannot read", "missing.pt": "does not exist"}
     for name, message in expected.items():
-        with pytest.raises(SystemExit, match=message):
-            E.main(["--device", "cpu", "--ckpt", str(tmp_path / name), "--skip_figures"])
+        refused(capsys, ["--device", "cpu", "--ckpt", str(tmp_path / name), "--skip_figures"], message)
     assert not marker.exists()  # the pickled code never ran
 
 
-KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "itm_acc", "itm_auc",
-        "itm_auc_hard", *(f"itm_auc_hard_{k}" for k in ("colour", "shape", "size", "relation")), "mmm_attr_acc",
-        "mmm_attr_acc_blank", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
+KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "retrieval_images",
+        "itm_acc", "itm_auc", "itm_auc_hard", *(f"itm_auc_hard_{k}" for k in ("colour", "shape", "size", "relation")),
+        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
         "zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1",
         "probe_image_shape", "probe_image_colour", "probe_image_count", "probe_text_count", "probe_text_relation",
         *(f"vqa_{h}{k}" for h in ("multimodal", "image_only", "text_only")
@@ -236,7 +244,7 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
         assert results["dvae_codes_used"] == pytest.approx((counts > 0).mean())
 
 
-def test_files_replace_the_synthetic_data(tmp_path):
+def test_files_replace_the_synthetic_data(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path)
     rng, rows = np.random.default_rng(0), []
     for i in range(14):
@@ -265,8 +273,7 @@ def test_files_replace_the_synthetic_data(tmp_path):
     assert results["probe_image_class"] == 1.0 and results["probe_text_label"] == 1.0
     assert {"probe_image_class", "probe_text_label", "zeroshot_top1", "zeroshot_drop75_top1"} <= set(results)
     assert "zeroshot_heldout_top1" not in results and not list(out.glob("*.png"))
-    with pytest.raises(SystemExit, match="not found"):
-        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")])
+    capsys.readouterr()
+    refused(capsys, ["--device", "cpu", "--ckpt", str(ckpt), "--pairs", str(tmp_path / "none.jsonl")], "not found: .*none.jsonl")
     (tmp_path / "plain.txt").write_text("no tabs\nat all\n")
-    with pytest.raises(SystemExit, match="label<TAB>text"):
-        E.main(["--device", "cpu", "--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")])
+    refused(capsys, ["--device", "cpu", "--ckpt", str(ckpt), "--texts", str(tmp_path / "plain.txt")], "label<TAB>text")

@@ -342,13 +342,16 @@ class Payload:
         return os.makedirs, (self.path,)
 
 
-def test_resume_refuses_a_checkpoint_that_carries_code(tmp_path):
+def test_resume_refuses_a_checkpoint_that_carries_code(tmp_path, capsys):
     out, marker = tmp_path / "out", tmp_path / "the_code_ran"
     out.mkdir()
     torch.save({"format": "nanoflava-1", "model": {"w": torch.zeros(1)}, "dvae": Payload(str(marker)),
                 "model_cfg": {}, "step": 3, "vocab": []}, out / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"refusing to load .*ckpt.pt.*possibly code"):
+    with pytest.raises(SystemExit) as exit_:
         run(out, "--resume")
+    assert exit_.value.code == 2  # one line, as argparse's errors, not a traceback
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"train.py: error: refusing to load .*ckpt.pt.*possibly code.*", line)
     assert not marker.exists() and not (out / "dvae.pt").exists()  # nothing ran, nothing was trained
 
 
@@ -356,10 +359,10 @@ def test_resume_with_another_width_names_the_mismatching_shapes(tmp_path):
     run(tmp_path, "--steps", 2, "--dvae_steps", 1)
     with pytest.raises(ValueError, match=r"ckpt.pt dVAE does not fit.*codebook: checkpoint \(32, 192\) vs model "
                                          r"\(48, 192\)"):
-        run(tmp_path, "--steps", 2, "--codebook_size", 48, "--resume")
+        run(tmp_path, "--steps", 2, "--codebook_size", 48, "--resume", "--resume_changes", "ok")
     with pytest.raises(ValueError, match=r"ckpt.pt model does not fit.*cls_token: checkpoint \(1, 1, 32\) "
                                          r"vs model \(1, 1, 64\)"):
-        run(tmp_path, "--steps", 2, "--width", 64, "--resume")
+        run(tmp_path, "--steps", 2, "--width", 64, "--resume", "--resume_changes", "ok")
 
 
 # ---------------------------------------------------------------------------------------------
