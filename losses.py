@@ -137,9 +137,10 @@ class LossConfig:
     keep_ratio: float = 1.0  # FLIP: share of patches the contrastive pass keeps (1.0 = FLAVA's unmasked pass)
     mask_ratio: float = 0.383  # BEiT: share of patches masked for MIM / MMM (FLAVA: 75 of 196)
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
-    mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM / MMM
+    mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM (text-only batches)
+    mmm_text_prob: float = 0.15  # share of a caption's tokens masked for MMM-text (FLAVA: as MLM's)
     itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
-    itm_pass: str = "masked"  # what ITM reads: "masked" = the masked pass (FLAVA); "unmasked" = the contrastive pass's states
+    masked_pass: str = "joint"  # "joint": FLAVA's one pass masking both; "split": each masked modality meets the other whole
     masked_fraction: float = 0.125  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
@@ -155,10 +156,13 @@ class LossConfig:
             problems.append(f"keep_ratio={self.keep_ratio} must be in (0, 1]")
         if not 0 < self.mask_ratio < 1:
             problems.append(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
-        if not 0 < self.mlm_prob < 1:
-            problems.append(f"mlm_prob={self.mlm_prob} must be in (0, 1)")
+        for name in ("mlm_prob", "mmm_text_prob"):
+            if not 0 < getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be in (0, 1)")
         if not 0 < self.masked_fraction <= 1:
             problems.append(f"masked_fraction={self.masked_fraction} must be in (0, 1]")
+        if self.masked_pass not in ("joint", "split"):
+            problems.append(f"masked_pass={self.masked_pass!r} must be 'joint' or 'split'")
         if not 0 <= self.itm_neg_prob < 1:
             problems.append(f"itm_neg_prob={self.itm_neg_prob} must be in [0, 1)")
         if self.backprop not in ("global", "local"):
@@ -195,7 +199,8 @@ class FLAVALoss(nn.Module):
         mcfg = model.cfg
         self.n_masked = max(1, round(cfg.mask_ratio * mcfg.num_patches))  # BEiT target per image
         self.min_block = cfg.min_block or masking.default_min_block(mcfg.num_patches)
-        self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bound per row
+        self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bounds per row: MLM, MMM-text
+        self.k_mmm = masking.max_text_masked(mcfg.text_len, cfg.mmm_text_prob)
 
     def forward(self, source: str, batch: dict, seed: int, first_row: int | None = None):
         """The named losses and their weighted `total` for one batch of one source."""
@@ -218,7 +223,7 @@ class FLAVALoss(nn.Module):
             patch_masked = self._block_mask(seed, range(first, first + B), device)  # (B, P)
             return {"patch_masked": patch_masked, "divisors": self._divisors(world, mim=patch_masked.sum())}
         if source == "texts":
-            masked_ids, labels = self._text_mask(x, gen, (first, world * B))  # (B, L) each
+            masked_ids, labels = self._text_mask(x, gen, (first, world * B), self.cfg.mlm_prob)  # (B, L) each
             return {"masked_ids": masked_ids, "labels": labels,
                     "divisors": self._divisors(world, mlm=labels.ne(IGNORE_INDEX).sum())}
         raise ValueError(f"unknown source {source!r}; expected pairs, images or texts")
@@ -248,9 +253,9 @@ class FLAVALoss(nn.Module):
             m = m.pin_memory()  # a pinned source lets the copy run without stalling the host
         return m.to(device, non_blocking=True)  # (B, P) bool
 
-    def _text_mask(self, ids, gen, rows):
+    def _text_mask(self, ids, gen, rows, prob):
         return masking.text_mask(ids, mask_id=self.mask_id, special_ids=self.special_ids, rows=rows,
-                                 vocab_size=self.model.cfg.vocab_size, prob=self.cfg.mlm_prob, generator=gen)
+                                 vocab_size=self.model.cfg.vocab_size, prob=prob, generator=gen)
 
     @staticmethod
     def _divisors(world, **counts):
@@ -303,18 +308,16 @@ class FLAVALoss(nn.Module):
         swap = swap[rows + first] & (all_ids[partner] != own_ids).any(dim=1)  # (n,)
         itm_ids = torch.where(swap[:, None], all_ids[partner], own_ids)  # (n, L) the captions ITM judges
         itm_attn = torch.where(swap[:, None], all_attn[partner], attn[rows])  # (n, L)
-        # FLAVA's ITM reads the masked pass, which then carries the swapped captions and MMM learns from the
-        # matched rows only; with ITM read apart (itm_pass="unmasked") every masked-pass row keeps its caption.
-        flava = c.itm_pass == "masked"
-        mm_ids, mm_attn = (itm_ids, itm_attn) if flava else (own_ids, attn[rows])  # (n, L) each
-        matched = ~swap if flava else torch.ones_like(swap)  # (n,) MMM learns from these rows only
         patch_masked = self._block_mask(seed, [j * total // n_all for j in range(j0, j1)], device)  # (n, P)
-        masked_ids, text_labels = self._text_mask(mm_ids, gen, (j0, n_all))  # (n, L) each, BERT 80/10/10
-        divisors = self._divisors(world, mmm_image=(patch_masked & matched[:, None]).sum(),
-                                  mmm_text=(text_labels.ne(IGNORE_INDEX) & matched[:, None]).sum())
+        masked_ids, text_labels = self._text_mask(itm_ids, gen, (j0, n_all), c.mmm_text_prob)  # (n, L) each, 80/10/10
+        # MMM learns from the matched rows only (a swapped caption's words are not in its image), except
+        # MMM-image in the split pass, which reads every row's own caption.
+        image_rows = torch.ones_like(swap) if c.masked_pass == "split" else ~swap  # (n,)
+        divisors = self._divisors(world, mmm_image=(patch_masked & image_rows[:, None]).sum(),
+                                  mmm_text=(text_labels.ne(IGNORE_INDEX) & ~swap[:, None]).sum())
         divisors["itm"] = n_all / world  # ITM: a mean over the n_all rows, known without asking the other ranks
-        return {"keep_idx": keep_idx, "rows": rows, "swap": swap, "matched": matched, "mm_attn": mm_attn,
-                "itm_ids": itm_ids, "itm_attn": itm_attn, "divisors": divisors,
+        return {"keep_idx": keep_idx, "rows": rows, "swap": swap, "image_rows": image_rows, "itm_attn": itm_attn,
+                "divisors": divisors,
                 "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
 
     def pairs(self, images_u8, ids, attn, draws):
@@ -328,28 +331,30 @@ class FLAVALoss(nn.Module):
         image_emb, text_emb = m.image_embed(image_out), m.text_embed(text_out)  # (B, E) each
         gc = contrastive_loss(image_emb, text_emb, m.logit_scale, c.backprop)
 
-        # 2. The masked pass on its n rows (draw_pairs): BEiT-masked image + BERT-masked text through both
-        # encoders and the fusion -> MMM; and ITM, on [CLS_M] of this pass (FLAVA) or of the unmasked inputs.
-        patch_masked, matched, rows = draws["patch_masked"], draws["matched"], draws["rows"]  # (n, P), (n,), (n,)
-        mm_attn = draws["mm_attn"]  # (n, L)
-        images = images[rows]  # (n, 3, S, S)
-        codes = self.dvae.codebook_indices(images)  # (n, P)
-        masked_hidden = m.encode_image(images, patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
-        masked_text_hidden = m.encode_text(draws["masked_ids"], mm_attn)[0]  # (n, L, D) pre-LN
-        mm = m.encode_multimodal(masked_hidden, masked_text_hidden, mm_attn)  # (n, M, D)
-        if c.itm_pass == "masked":
-            cls_m = mm[:, 0]  # (n, D) FLAVA: ITM reads the masked pass
-        else:  # ALBEF's place: the contrastive pass's unmasked image states, the judged captions encoded whole
-            itm_text = m.encode_text(draws["itm_ids"], draws["itm_attn"])[0]  # (n, L, D) pre-LN
-            cls_m = m.encode_multimodal(image_hidden[rows], itm_text, draws["itm_attn"])[:, 0]  # (n, D)
-        itm = itm_loss(m.itm_head(cls_m), (~draws["swap"]).long(), div["itm"])
+        # 2. Masked multimodal modeling and ITM on the n rows of draw_pairs, each with the caption ITM judges
+        # (its own, or for a negative another row's). FLAVA ("joint") runs one pass of the BEiT-masked image
+        # with the BERT-masked caption and reads all three from it. "split" predicts each masked modality from
+        # the other one whole: the masked caption meets the contrastive pass's unmasked image states (MMM-text,
+        # and ITM on its [CLS_M], as ALBEF's MLM and ITM read whole images), the masked image meets the
+        # contrastive pass's states of its own whole caption (MMM-image). One more fusion pass than FLAVA's.
+        rows, swap, patch_masked = draws["rows"], draws["swap"], draws["patch_masked"]  # (n,), (n,), (n, P)
+        itm_attn = draws["itm_attn"]  # (n, L)
+        codes = self.dvae.codebook_indices(images[rows])  # (n, P) the targets of the masked patches
+        masked_image = m.encode_image(images[rows], patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
+        masked_text = m.encode_text(draws["masked_ids"], itm_attn)[0]  # (n, L, D) pre-LN
+        if c.masked_pass == "joint":
+            mm_text = mm_image = m.encode_multimodal(masked_image, masked_text, itm_attn)  # (n, M, D)
+        else:
+            mm_text = m.encode_multimodal(image_hidden[rows], masked_text, itm_attn)  # (n, M', D) whole image
+            mm_image = m.encode_multimodal(masked_image, text_hidden[rows], attn[rows])  # (n, M, D) whole caption
+        itm = itm_loss(m.itm_head(mm_text[:, 0]), (~swap).long(), div["itm"])
 
-        # MMM learns only from matched pairs. The filter is applied to the *labels* of every
-        # aligned tensor at once (a mismatched row's targets become -100), so no tensor can be
-        # left unfiltered (Hugging Face's bug #27855) and no shape changes.
-        image_labels = torch.where(patch_masked & matched[:, None], codes, IGNORE_INDEX)  # (n, P)
-        text_labels = torch.where(matched[:, None], draws["text_labels"], IGNORE_INDEX)  # (n, L)
-        mmm_image = masked_prediction(m.mmm_image_head, mm[:, 2 : 2 + P], image_labels, self.n_masked,
+        # The filter of what MMM learns from is applied to the *labels* of every aligned tensor at once (a
+        # filtered row's targets become -100), so no tensor can be left unfiltered (Hugging Face's bug #27855)
+        # and no shape changes.
+        image_labels = torch.where(patch_masked & draws["image_rows"][:, None], codes, IGNORE_INDEX)  # (n, P)
+        text_labels = torch.where(~swap[:, None], draws["text_labels"], IGNORE_INDEX)  # (n, L)
+        mmm_image = masked_prediction(m.mmm_image_head, mm_image[:, 2 : 2 + P], image_labels, self.n_masked,
                                       div["mmm_image"])
-        mmm_text = masked_prediction(m.mmm_text_head, mm[:, -L:], text_labels, self.k_text, div["mmm_text"])
+        mmm_text = masked_prediction(m.mmm_text_head, mm_text[:, -L:], text_labels, self.k_mmm, div["mmm_text"])
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}

@@ -218,13 +218,14 @@ def _step_worker(rank, world, port, state, out_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_gloo_ranks_match_one_big_batch_for_the_whole_step(world, tmp_path):
+@pytest.mark.parametrize("world, masked_pass", [(2, "joint"), (4, "joint"), (2, "split")])
+def test_gloo_ranks_match_one_big_batch_for_the_whole_step(world, masked_pass, tmp_path, monkeypatch):
     """Pairs (GC + ITM + MMM-image + MMM-text), images (MIM), texts (MLM), every loss on, FLIP keep 0.5, ITM
-    negatives, a masked pass on part of the rows: W ranks x n rows draw exactly the one process's draws for
-    their rows (kept patches, masked-pass rows, ITM swaps, BEiT and BERT masks), their mean losses are the
-    one process's losses and their DDP-averaged gradients its gradients. With rank-local means in the
-    masked losses (the control) the MMM gradients differ."""
+    negatives, a masked pass on part of the rows (FLAVA's joint one, or split): W ranks x n rows draw exactly
+    the one process's draws for their rows (kept patches, masked-pass rows, ITM swaps, BEiT and BERT masks),
+    their mean losses are the one process's losses and their DDP-averaged gradients its gradients. With
+    rank-local means in the masked losses (the control) the MMM gradients differ."""
+    monkeypatch.setitem(LOSS, "masked_pass", masked_pass)  # the forked ranks inherit it
     state, batch = initial_state(), step_batch()
     results = run_ranks(world, state, tmp_path / "ranks.pt", worker=_step_worker)
     names = [name for name, _ in build_model().named_parameters()]
@@ -237,7 +238,7 @@ def test_gloo_ranks_match_one_big_batch_for_the_whole_step(world, tmp_path):
                 got = torch.cat([d[key] + (r * n if key == "rows" else 0) for r, (d, _) in enumerate(gathered)])
                 assert torch.equal(got, ref), (source, key)
         if source == "pairs":
-            assert 0 < int(ref_draws["matched"].sum()) < 3 and ref_draws["rows"].tolist() == [0, 2, 5]
+            assert 0 < int((~ref_draws["swap"]).sum()) < 3 and ref_draws["rows"].tolist() == [0, 2, 5]
         for key, ref in ref_values.items():
             assert sum(v[key] for _, v in gathered) / world == pytest.approx(ref, rel=1e-5), (source, key)
         assert sum(bool(g.any()) for g in ref_grads) > 10

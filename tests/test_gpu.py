@@ -134,7 +134,7 @@ def test_the_draws_of_a_step_on_a_cuda_generator():
     assert draws["keep_idx"].shape == (B, P // 2) and (draws["keep_idx"].diff(dim=1) > 0).all()
     assert draws["rows"].tolist() == list(range(0, B, 2)) and draws["patch_masked"].shape == (n, P)
     assert (draws["patch_masked"].sum(1) <= loss_fn.n_masked).all()
-    labels, swapped = draws["text_labels"], (~draws["matched"]).float().mean().item()
+    labels, swapped = draws["text_labels"], draws["swap"].float().mean().item()
     assert (labels != -100).sum().item() / (n * (cfg.text_len - 2)) == pytest.approx(0.15, abs=0.03)
     assert 0.3 < swapped < 0.7  # itm_neg_prob 0.5 (a partner with the same caption does not count)
 

@@ -380,36 +380,37 @@ def test_the_model_overfits_one_small_batch():
     assert all(math.isfinite(h["total"]) for h in history)
 
 
-def test_itm_read_apart_judges_the_unmasked_inputs(tiny_cfg, monkeypatch):
-    """itm_pass="unmasked" (ALBEF's place for ITM): the masked pass keeps every row's own caption and MMM learns
-    from every row; ITM fuses the contrastive pass's unmasked image states with the judged captions encoded
-    whole (no [MASK]), label 0 exactly where the judged caption is another row's, different one."""
-    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5, itm_pass="unmasked")
+def test_split_masked_pass_predicts_each_masked_modality_from_the_other_whole(tiny_cfg, monkeypatch):
+    """masked_pass="split": the BERT-masked judged captions (own, or for ITM negatives another row's) meet the
+    contrastive pass's unmasked image states (MMM-text on matched rows, ITM on [CLS_M]); the BEiT-masked image
+    meets the contrastive pass's states of its own whole caption (MMM-image on every row, negatives' too)."""
+    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5, masked_pass="split")
     batch, model, seen = make_batch(tiny_cfg, 8, seed=1), loss_fn.model, set()
+    codes = loss_fn.dvae.codebook_indices(batch["image"].float() / 255)  # (B, P)
     for seed in range(4):
-        _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed)
         monkeypatch.setattr(model, "encode_text", Spy(model.encode_text))
-        spies["encode_text"] = model.encode_text
         _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed)
-        (plain,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is None]  # contrastive pass
-        masked_mm, itm_mm = spies["encode_multimodal"].calls
-        assert itm_mm[0][0] is not masked_mm[0][0] and torch.equal(itm_mm[0][0], plain[2][0])  # unmasked states
-        (judged,) = [c for c in model.encode_text.calls if c[2][0] is itm_mm[0][1]]  # the ITM captions' pass
-        ids, labels = judged[0][0], spies["itm_loss"].calls[-1][0][1]  # (B, L), (B,) 1 = matched
-        assert not (ids == MASK).any()
-        for i, label in enumerate(labels.tolist()):
-            same = torch.equal(ids[i], batch["ids"][i])
-            assert same == bool(label) and any(torch.equal(ids[i], batch["ids"][j]) for j in range(8))
+        (plain,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is None]  # contrastive
+        (masked,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is not None]
+        whole_text, masked_text = model.encode_text.calls  # the contrastive pass, then the masked captions
+        text_mm, image_mm = spies["encode_multimodal"].calls
+        assert torch.equal(text_mm[0][0], plain[2][0]) and text_mm[0][1] is masked_text[2][0]
+        assert image_mm[0][0] is masked[2][0] and torch.equal(image_mm[0][1], whole_text[2][0])
+        judged, labels = spies["text_mask"].calls[-1][0][0], spies["itm_loss"].calls[-1][0][1]  # (B, L), (B,)
+        for i, label in enumerate(labels.tolist()):  # label 0 exactly where the judged caption is another's
+            assert torch.equal(judged[i], batch["ids"][i]) == bool(label)
+        calls = {id(c[0][0]): c for c in spies["masked_prediction"].calls}
+        image_labels = calls[id(model.mmm_image_head)][0][2]  # (B, P)
+        assert torch.equal(image_labels, torch.where(arg(masked, 1, "patch_masked"), codes, IGNORE_INDEX))
+        text_labels = calls[id(model.mmm_text_head)][0][2]  # (B, L)
+        assert (text_labels[labels == 0] == IGNORE_INDEX).all() and (text_labels[labels == 1] != IGNORE_INDEX).any()
         seen |= set(labels.tolist())
-        assert torch.equal(spies["text_mask"].calls[-1][0][0], batch["ids"])  # MMM masks the rows' own captions
-        text_call = [c for c in spies["masked_prediction"].calls if c[0][0] is model.mmm_text_head][0]
-        assert ((text_call[0][2] != IGNORE_INDEX).sum(1) >= 1).all()  # every row teaches MMM, negatives' too
         monkeypatch.undo()
     assert seen == {0, 1}
 
 
 def test_itm_learns_to_tell_matched_from_mismatched_pairs():
-    """ITM read from the unmasked inputs, trained with FLAVA's paired objectives on 8 fixed pairs (fresh swaps and
+    """ITM (masked_pass="split": the whole image, the masked caption), trained with FLAVA's paired objectives on 8 fixed pairs (fresh swaps and
     masks each step): after 300 AdamW steps a matched pair outscores a mismatched one in at least 90% of the
     comparisons among all 64 (image, caption) combinations (measured: 0.975; chance 0.5). An ITM whose fusion
     cannot see one of its inputs cannot do that. (ITM alone, without GC and
@@ -418,7 +419,7 @@ def test_itm_learns_to_tell_matched_from_mismatched_pairs():
     cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=1, text_layers=1, mm_layers=2,
                                   image_size=16, patch_size=4, vocab_size=64, codebook_size=32, text_len=12,
                                   embed_dim=32)
-    loss_fn = make_loss(cfg, itm_pass="unmasked", itm_neg_prob=0.5)
+    loss_fn = make_loss(cfg, masked_pass="split", itm_neg_prob=0.5)
     batch, model = make_batch(cfg, 8, seed=1), loss_fn.model
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     for step in range(300):
