@@ -1,0 +1,114 @@
+"""Gradient accumulation that keeps every negative (losses.accumulate, GradCache): W processes (W = 1, 2, gloo,
+real DDP with its no_sync) each splitting its rows into 1, 2 or 4 micro-batches must give the losses and the
+gradients of one process with the whole batch in one forward, for the paired step (GC + ITM + MMM, FLIP keep
+0.5, ITM negatives, a masked pass on 3 of 8 rows, ITM read from either pass) and the image-only (MIM) and
+text-only (MLM) steps. The negative control, naive accumulation (each micro-batch's contrastive loss over its
+own rows), must fail the same comparison.
+
+    python -m pytest tests/test_accumulation.py
+"""
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import losses
+from model import DVAE, FLAVA, ModelConfig
+from test_distributed import CFG, LOSS, N_GLOBAL, SEED, initial_state, max_rel_err, run_ranks, step_batch
+
+RUNS = [(source, itm_pass) for source in ("pairs", "images", "texts") for itm_pass in ("masked", "unmasked")
+        if source == "pairs" or itm_pass == "masked"]
+MICRO_STEPS = (1, 2, 4)
+
+
+def loss_fn(state, itm_pass):
+    """losses.FLAVALoss (fp32) on the model of `state`, with a dVAE whose codes vary (a random codebook)."""
+    model = FLAVA(ModelConfig.from_preset("tiny", **CFG))
+    model.load_state_dict(state)
+    torch.manual_seed(1)
+    dvae = DVAE(model.cfg)
+    with torch.no_grad():
+        dvae.codebook.uniform_()
+    return losses.FLAVALoss(model, dvae, losses.LossConfig(**LOSS, itm_pass=itm_pass), mask_id=4, special_ids=range(5))
+
+
+def grads_of(fn):
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in fn.model.parameters()]
+
+
+def reference(state, source, itm_pass):
+    """One process, the whole batch, one forward: losses and every parameter's gradient."""
+    fn = loss_fn(state, itm_pass)
+    out = fn(source, step_batch(), SEED)
+    out["total"].backward()
+    return {k: v.item() for k, v in out.items()}, grads_of(fn)
+
+
+def accumulated(state, source, itm_pass, batch, micro, wrap=lambda fn: fn):
+    fn = loss_fn(state, itm_pass)
+    out = losses.accumulate(wrap(fn), source, batch, SEED, micro, backward=lambda loss: loss.backward())
+    return {k: v.item() for k, v in out.items()}, grads_of(fn)
+
+
+def assert_same(got_values, got_grads, ref_values, ref_grads, what):
+    for key, ref in ref_values.items():
+        assert got_values[key] == pytest.approx(ref, rel=1e-5, abs=1e-7), (what, key)
+    assert sum(bool(g.any()) for g in ref_grads) > 10
+    names = [name for name, _ in FLAVA(ModelConfig.from_preset("tiny", **CFG)).named_parameters()]
+    for name, got, ref in zip(names, got_grads, ref_grads):
+        assert max_rel_err(got, ref) < 1e-5 if ref.any() else not got.any(), (what, name)  # measured: 1.4e-6 at most
+
+
+def test_one_process_in_micro_batches_matches_one_big_batch():
+    """W = 1: the 8 rows in 1, 2 and 4 micro-batches, every kind of step; then the negative control."""
+    state, batch = initial_state(), step_batch()
+    for source, itm_pass in RUNS:
+        ref = reference(state, source, itm_pass)
+        for k in MICRO_STEPS:
+            assert_same(*accumulated(state, source, itm_pass, batch, N_GLOBAL // k), *ref, (source, itm_pass, k))
+
+    # Naive accumulation: the same micro-batches and draws, each with its own contrastive loss (2 rows, 1 negative).
+    fn, k = loss_fn(state, "masked"), 4
+    parts = losses.split(fn, "pairs", batch, fn.draw("pairs", batch, SEED), N_GLOBAL // k)
+    for micro, draws in parts:
+        out = fn("pairs", micro, SEED, draws=draws)
+        (out["total"] - out["gc"] * (1 - 1 / k)).backward()  # the mean of the k micro-batches' GC
+    _, ref_grads = reference(state, "pairs", "masked")
+    names = [name for name, _ in fn.model.named_parameters()]
+    wrong = {name for name, got, ref in zip(names, grads_of(fn), ref_grads) if max_rel_err(got, ref) > 1e-2}
+    assert {"image_projection.weight", "text_projection.weight", "logit_scale"} <= wrong
+
+
+def _worker(rank, world, port, state, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        n, results = N_GLOBAL // world, {}
+        local = {key: v[rank * n : (rank + 1) * n] for key, v in step_batch().items()}
+        for source, itm_pass in RUNS:
+            for k in MICRO_STEPS:  # real DDP: its no_sync on all but the last micro-step, then its averaging
+                values, grads = accumulated(state, source, itm_pass, local, n // k,
+                                            wrap=lambda fn: DDP(fn, find_unused_parameters=True))
+                gathered = [None] * world
+                dist.all_gather_object(gathered, values)
+                results[source, itm_pass, k] = (gathered, grads)
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_in_micro_batches_match_one_big_batch(tmp_path):
+    """W = 2 under DDP: 4 rows per rank in 1, 2 and 4 micro-batches (micro-batches of 1 row, some without a
+    masked-pass row): the mean of the ranks' losses and the DDP-averaged gradients are one process's."""
+    state = initial_state()
+    results = run_ranks(2, state, tmp_path / "ranks.pt", worker=_worker)
+    for source, itm_pass in RUNS:
+        ref_values, ref_grads = reference(state, source, itm_pass)
+        for k in MICRO_STEPS:
+            gathered, grads = results[source, itm_pass, k]
+            mean = {key: sum(v[key] for v in gathered) / 2 for key in ref_values}
+            assert_same(mean, grads, ref_values, ref_grads, (source, itm_pass, k))
