@@ -1,5 +1,5 @@
 """Gradient accumulation that keeps every negative (losses.accumulate, GradCache): W processes (W = 1, 2, gloo,
-real DDP with its no_sync) each splitting its rows into 1, 2 or 4 micro-batches must give the losses and the
+real DDP, reducing at the last micro-step only) each splitting its rows into 1, 2 or 4 micro-batches must give the losses and the
 gradients of one process with the whole batch in one forward, for the paired step (GC + ITM + MMM, FLIP keep
 0.5, ITM negatives, a masked pass on 3 of 8 rows, ITM read from either pass) and the image-only (MIM) and
 text-only (MLM) steps. The negative control, naive accumulation (each micro-batch's contrastive loss over its
@@ -7,6 +7,7 @@ own rows), must fail the same comparison.
 
     python -m pytest tests/test_accumulation.py
 """
+import gc
 from datetime import timedelta
 
 import pytest
@@ -81,6 +82,15 @@ def test_one_process_in_micro_batches_matches_one_big_batch():
     assert {"image_projection.weight", "text_projection.weight", "logit_scale"} <= wrong
 
 
+class CountingDDP(DDP):
+    """DDP that counts the backward passes it was told not to synchronise."""
+    unsynced = 0
+
+    def no_sync(self):
+        self.unsynced += 1
+        return super().no_sync()
+
+
 def _worker(rank, world, port, state, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -90,11 +100,13 @@ def _worker(rank, world, port, state, out_path):
         local = {key: v[rank * n : (rank + 1) * n] for key, v in step_batch().items()}
         for source, itm_pass in RUNS:
             for k in MICRO_STEPS:  # real DDP: its no_sync on all but the last micro-step, then its averaging
-                values, grads = accumulated(state, source, itm_pass, local, n // k,
-                                            wrap=lambda fn: DDP(fn, find_unused_parameters=True))
+                ddp = []
+                values, grads = accumulated(state, source, itm_pass, local, n // k, wrap=lambda fn: ddp.append(
+                    CountingDDP(fn, find_unused_parameters=True)) or ddp[0])
                 gathered = [None] * world
                 dist.all_gather_object(gathered, values)
-                results[source, itm_pass, k] = (gathered, grads)
+                results[source, itm_pass, k] = (gathered, grads, ddp.pop().unsynced)
+                gc.collect()  # every DDP reducer freed while the process group lives (else gloo can deadlock)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -109,6 +121,7 @@ def test_two_ranks_in_micro_batches_match_one_big_batch(tmp_path):
     for source, itm_pass in RUNS:
         ref_values, ref_grads = reference(state, source, itm_pass)
         for k in MICRO_STEPS:
-            gathered, grads = results[source, itm_pass, k]
+            gathered, grads, unsynced = results[source, itm_pass, k]
+            assert unsynced == k - 1  # DDP reduces once, at the last micro-step
             mean = {key: sum(v[key] for v in gathered) / 2 for key in ref_values}
             assert_same(mean, grads, ref_values, ref_grads, (source, itm_pass, k))
