@@ -398,12 +398,10 @@ def split(loss_fn, source, batch, draws, size):
 
 
 def _gradient_sync(step_fn, on: bool):
-    """DDP reduces gradients in every backward unless inside no_sync(); FSDP2 unless told not to."""
-    if hasattr(step_fn, "set_requires_gradient_sync"):  # FSDP2
-        step_fn.set_requires_gradient_sync(on)
-    elif hasattr(step_fn, "no_sync") and not on:  # DDP
-        return step_fn.no_sync()
-    return contextlib.nullcontext()
+    """DDP all-reduces the gradients in every backward, except inside no_sync(). FSDP2 reduce-scatters them at every
+    micro-step: they stay sharded, which is what FSDP is for (and its set_requires_gradient_sync(False) fails in
+    torch 2.13 on a unit that no step has used yet: AttributeError '_unsharded_param')."""
+    return step_fn.no_sync() if not on and hasattr(step_fn, "no_sync") else contextlib.nullcontext()
 
 
 def accumulate(step_fn, source, batch, seed, micro_batch, backward, autocast=contextlib.nullcontext()):
@@ -419,11 +417,11 @@ def accumulate(step_fn, source, batch, seed, micro_batch, backward, autocast=con
     its gradient w.r.t. the embeddings and logit_scale are computed from them; (3) each micro-batch runs again with
     its graph (contrastive pass, masked pass, ITM, MMM) and back-propagates <embeddings, that gradient> plus its
     share of the other losses. The cost is step (1): one more contrastive forward, without a graph. Every choice is
-    drawn once for the whole batch and cut (split), so the step is the same whatever the split; DDP and FSDP
-    reduce the gradients at the last micro-step only."""
+    drawn once for the whole batch and cut (split), so the step is the same whatever the split; DDP reduces the
+    gradients at the last micro-step only."""
     loss_fn = getattr(step_fn, "module", step_fn)  # the FLAVALoss inside DDP
     if not micro_batch or micro_batch >= len(batch["image" if source == "images" else "ids"]):  # one forward
-        with _gradient_sync(step_fn, True), autocast:
+        with autocast:
             losses = step_fn(source, batch, seed=seed)
         backward(losses["total"])
         return losses
