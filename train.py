@@ -69,7 +69,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and sample)
     batch_size: int = 128  # global batch per step, split evenly over ranks
-    micro_batch: int = 0  # rows per rank and forward; fewer than the rank's batch accumulate gradients (0 = all at once)
+    micro_batch: int = 0  # rows per rank and forward; fewer than the rank's batch accumulate gradients (0 = all)
     steps: int = 700  # joint FLAVA steps (stage 3)
     lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
     min_lr: float = 1e-4  # end of the cosine
@@ -88,7 +88,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     device: str = "auto"  # auto | cpu | cuda; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
     compile: bool = False  # torch.compile the step
-    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2; torchrun); checkpoints stay whole
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, under torchrun)
     workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
     log_every: int = 25  # steps between log lines (the only host-device synchronisation)
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
@@ -105,15 +105,17 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
 # paper's recipe (FLAVA §3.4: batch 8192, lr 1e-3, 10k warmup, AdamW beta2 0.999, 0.70/0.15/0.15)
 # with FLIP's 50% patch dropping in the contrastive pass and a short unmasked tuning at the end
 # (FLIP §3). `tiny` keeps every patch: its objects cover a few patches of a 64 px image, and
-# dropping half of them halved its zero-shot accuracy at equal time (README, "Tuning").
+# dropping half of them halved its zero-shot accuracy at equal time (README, "Tuning"). micro_batch: what fits a
+# GPU, by `bench.py --fit`'s estimate (README, "Scaling up"): `base` runs 1024 pairs per GPU on 8 GPUs as 8
+# micro-batches of 128 (~30 GB of 80), `small` 128 at once (~10 GB) and accumulates on fewer GPUs.
 RECIPES = {
     "tiny": {},
     "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
                   p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
-                  log_every=50, ckpt_every=1000),
+                  log_every=50, ckpt_every=1000, micro_batch=128),
     "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
                  p_images=0.15, p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=5000,
-                 dvae_steps=20_000, log_every=100, ckpt_every=2000),
+                 dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128),
 }
 
 
@@ -166,8 +168,8 @@ def parse_args(argv=None):
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
         local = train.batch_size // world
         if train.micro_batch < 0 or 0 < train.micro_batch < local and local % train.micro_batch:
-            raise ValueError(f"--micro_batch={train.micro_batch} must divide each process's batch, batch_size / world "
-                             f"size = {train.batch_size} / {world} = {local} (or be 0, or at least {local}: no accumulation)")
+            raise ValueError(f"--micro_batch={train.micro_batch} must divide each process's batch, batch_size / "
+                             f"world size = {train.batch_size} / {world} = {local} (or be 0: no accumulation)")
         if train.fsdp and "RANK" not in os.environ:
             raise ValueError("--fsdp shards the model over torchrun's processes: start with torchrun "
                              "(torchrun --nproc_per_node=N train.py ...)")

@@ -1,9 +1,9 @@
 """Gradient accumulation that keeps every negative (losses.accumulate, GradCache): W processes (W = 1, 2, gloo,
-real DDP, reducing at the last micro-step only) each splitting its rows into 1, 2 or 4 micro-batches must give the losses and the
-gradients of one process with the whole batch in one forward, for the paired step (GC + ITM + MMM, FLIP keep
-0.5, ITM negatives, a masked pass on 3 of 8 rows, ITM read from either pass) and the image-only (MIM) and
-text-only (MLM) steps. The negative control, naive accumulation (each micro-batch's contrastive loss over its
-own rows), must fail the same comparison.
+real DDP, reducing at the last micro-step only) each splitting its rows into 1, 2 or 4 micro-batches must give
+the losses and the gradients of one process with the whole batch in one forward, for the paired step (GC + ITM +
+MMM, FLIP keep 0.5, ITM negatives, a masked pass on 3 of 8 rows, ITM read from either pass) and the image-only
+(MIM) and text-only (MLM) steps. The negative control, naive accumulation (each micro-batch's contrastive loss
+over its own rows), must fail the same comparison. Then train.py's flags and its out-of-memory message.
 
     python -m pytest tests/test_accumulation.py
 """
@@ -125,3 +125,39 @@ def test_two_ranks_in_micro_batches_match_one_big_batch(tmp_path):
             assert unsynced == k - 1  # DDP reduces once, at the last micro-step
             mean = {key: sum(v[key] for v in gathered) / 2 for key in ref_values}
             assert_same(mean, grads, ref_values, ref_grads, (source, itm_pass, k))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the flags, and a micro-batch that does not fit
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--batch_size", "8", "--micro_batch", "3"], ["--micro_batch=3", "8 / 2 = 4"]),
+    (["--micro_batch", "-1"], ["--micro_batch=-1"]),
+    (["--fsdp", "true"], ["--fsdp", "torchrun"]),
+], ids=["not_a_divisor", "negative", "fsdp_without_torchrun"])
+def test_bad_accumulation_flags_fail_before_any_work(args, names, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (but no RANK: the check comes before the group)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*args, "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not (tmp_path / "out").exists() and all(name in err for name in names), err
+
+
+def test_out_of_memory_names_the_micro_batch_and_what_helps(tmp_path, monkeypatch):
+    """A forward that runs out of GPU memory (simulated: the CPU has no such error) stops the run with one message."""
+    import train
+    from test_reliability import TINY
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(losses.FLAVALoss, "step", oom)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*TINY, "--dvae_steps", "1", "--micro_batch", "2", "--out_dir", str(tmp_path)])
+    message = str(exit_.value.code)
+    assert "micro-batch of 2 rows" in message and "--batch_size 8 over 1 process" in message
+    assert all(flag in message for flag in ("--micro_batch", "--grad_ckpt true", "--fsdp true", "bench.py --fit"))
