@@ -303,8 +303,8 @@ def ablate(args):
 
 def saved_bytes(cfg, loss_cfg, batch):
     """Bytes autograd keeps for backward through one paired step of `batch` pairs (bf16 autocast, on the CPU):
-    every saved tensor's storage once (a saved-tensors hook), weights excluded. With --grad_ckpt the blocks' saves
-    are dropped and recomputed; what the checkpoints hold instead, each block's input, is counted by a hook."""
+    every saved tensor's storage once (a saved-tensors hook), weights excluded. With --grad_ckpt a block saves only
+    its input, which the hook sees too (tests/test_fit.py checks both against the profiler's allocations)."""
     runner = Ours(cfg, torch.device("cpu"), torch.bfloat16)
     runner.objective.cfg = loss_cfg
     weights, kept = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}, {}
@@ -314,12 +314,8 @@ def saved_bytes(cfg, loss_cfg, batch):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    blocks = [m for m in runner.model.modules() if isinstance(m, M.Block)] if cfg.grad_ckpt else []
-    hooks = [b.register_forward_pre_hook(lambda module, args: pack(args[0])) for b in blocks]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runner.autocast:
         runner.objective("pairs", make_batch(cfg, batch, torch.device("cpu")), 0)
-    for h in hooks:
-        h.remove()
     return sum(kept.values())
 
 

@@ -161,3 +161,19 @@ def test_out_of_memory_names_the_micro_batch_and_what_helps(tmp_path, monkeypatc
     message = str(exit_.value.code)
     assert "micro-batch of 2 rows" in message and "--batch_size 8 over 1 process" in message
     assert all(flag in message for flag in ("--micro_batch", "--grad_ckpt true", "--fsdp true", "bench.py --fit"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_micro_batches_match_one_big_batch_in_reduced_precision_on_a_gpu(dtype):
+    """fp16 (its GradScaler scaling every micro-step's loss) and bf16 autocast on CUDA: the paired step in 4
+    micro-batches gives one forward's gradients, to the precision's rounding."""
+    state, batch, grads = initial_state(), {k: v.cuda() for k, v in step_batch().items()}, []
+    for micro in (0, 2):
+        fn = loss_fn(state, "masked").cuda()
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        losses.accumulate(fn, "pairs", batch, SEED, micro, lambda loss: scaler.scale(loss).backward(),
+                          torch.autocast("cuda", dtype=dtype))
+        grads.append([g / scaler.get_scale() for g in grads_of(fn)])
+    assert max(max_rel_err(a, b) for a, b in zip(*grads) if b.any()) < 0.05
