@@ -329,7 +329,7 @@ class FLAVALoss(nn.Module):
         m = self.model
         image_hidden, image_out = m.encode_image(images, keep_idx=keep_idx)  # 2 x (B, 1 + K, D)
         text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
-        return image_hidden, m.image_embed(image_out), m.text_embed(text_out)
+        return image_hidden, m.image_embed(image_out), m.text_embed(text_out)  # (B, 1 + K, D), (B, E), (B, E)
 
     def pairs(self, images_u8, ids, attn, draws):
         m, c, div = self.model, self.cfg, draws["divisors"]

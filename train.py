@@ -16,7 +16,7 @@ with a GradScaler, bf16 without one, contrastive logits in fp32. config.json and
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
     torchrun --nproc_per_node=8 train.py --preset base --shards 'pmd/{00000..07000}.tar' --images imagenet/train
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
-    torchrun --nproc_per_node=8 train.py --preset base --micro_batch 64 --grad_ckpt true --fsdp true ...   # see README
+    torchrun --nproc_per_node=8 train.py --preset base --fsdp true --micro_batch 256 --grad_ckpt true ...  # README
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
     python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
@@ -697,9 +697,10 @@ def main(argv=None):
     objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
     # touches the text encoder): DDP must look for them instead of waiting for their gradients.
-    step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 and not cfg.fsdp else objective
     if cfg.fsdp:
         step_fn = shard(objective, dtype)
+    else:
+        step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
     optimizer = make_optimizer(model, cfg)  # after sharding: FSDP replaces the parameters by their shards
     if resume is not None:
         load_optimizer(optimizer, resume["optimizer"])
@@ -732,6 +733,7 @@ def main(argv=None):
 
     def backward(loss):
         scaler.scale(loss).backward()
+
     for name, first, n in plan:
         if step >= first + n:
             continue
