@@ -11,6 +11,9 @@ measured in a fresh process per case. MFU: model FLOPs (model.flops_per_sample) 
     python bench.py --preset small --batch 32 --threads 1 --peer         # CPU: the README table
     python bench.py --preset base --device cuda --batch max [--compile]  # GPU: largest batch, MFU
     python bench.py --ablate                                               # the papers' ablations, small scale
+    python bench.py --preset base --micro 8 --cases pairs --batch 32       # GradCache: 4 micro-steps vs 1 step
+    python bench.py --fit --preset base --gpu_gb 80                        # the largest micro-batch that fits
+    python bench.py --precision --preset tiny                              # GPU: fp16 beside bf16
 """
 import argparse
 import json
@@ -23,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -64,6 +67,7 @@ def make_batch(cfg, B, device, seed=0):
 def case_flops(cfg, case, keep, masked_fraction=1.0):
     """Training FLOPs per sample (3 x forward). The contrastive pass: the image tower, the text tower
     and both projections at keep 1.0; what dropping saves is what model.flops_per_sample says it saves."""
+    case = "pairs" if case == "accum" else case  # the same model FLOPs: the extra forward is overhead
     if case != "contrastive":
         return M.flops_per_sample(cfg, case, keep, masked_fraction=masked_fraction)
     full = M._stem_flops(cfg) + M._encoder_flops(cfg, cfg.image_layers, 1 + cfg.num_patches)
@@ -80,8 +84,9 @@ class Runner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def update(self, loss):
-        self.scaler.scale(loss).backward()
+    def update(self, loss=None):
+        if loss is not None:
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.scaler.step(self.opt)
@@ -92,8 +97,9 @@ class Runner:
 class Ours(Runner):
     name = "nanoFLAVA"
 
-    def __init__(self, cfg, device, dtype, compile=False, masked_fraction=1.0):
+    def __init__(self, cfg, device, dtype, compile=False, masked_fraction=1.0, micro=0):
         torch.manual_seed(0)
+        self.micro = micro  # the "accum" case: the paired step in micro-batches of this many pairs (GradCache)
         self.setup(M.FLAVA(cfg), device, dtype)
         self.loss_cfgs = {}  # one LossConfig per keep ratio, reused (a compiled step guards on it); the full
         # FLAVA step runs the masked pass on the whole batch (masked_fraction 1.0), as Hugging Face's does
@@ -116,16 +122,19 @@ class Ours(Runner):
         return losses.contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale)
 
     def step(self, case, keep, batch, seed):
-        with self.autocast:
-            if case == "contrastive":
+        if case == "contrastive":
+            with self.autocast:
                 B, P = batch["ids"].size(0), self.model.cfg.num_patches
                 gen = torch.Generator(self.device).manual_seed(seed)
                 keep_idx = masking.random_keep(B, P, keep, self.device, gen) if keep < 1 else None  # (B, K)
                 loss = self.contrastive(batch["image"], batch["ids"], batch["attn"], keep_idx)
-            else:
-                self.objective.cfg = self.loss_config(keep)
-                loss = self.full(case, batch, seed)["total"]
-        self.update(loss)
+            self.scaler.scale(loss).backward()
+        else:  # as train.py runs it
+            self.objective.cfg = self.loss_config(keep)
+            losses.accumulate(self.full, "pairs" if case == "accum" else case, batch, seed,
+                              self.micro if case == "accum" else 0, lambda x: self.scaler.scale(x).backward(),
+                              self.autocast)
+        self.update()
         self.model.clamp_logit_scale_()
 
 
@@ -184,8 +193,10 @@ def probe(spec):
     device, cfg, case, keep = torch.device(spec["device"]), M.ModelConfig(**spec["cfg"]), spec["case"], spec["keep"]
     torch.set_num_threads(spec["threads"])
     dtype = train.resolve_dtype(spec["dtype"], device)
-    runner = Ours(cfg, device, dtype, masked_fraction=spec.get("masked_fraction", 1.0)) if spec["side"] == "ours" else \
-        Peer(cfg, device, dtype)
+    if device.type == "cuda" and spec.get("gpu_gb"):  # --fit: as if the GPU had this much memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_gb"] * 2**30 / torch.cuda.mem_get_info()[1]))
+    runner = Ours(cfg, device, dtype, masked_fraction=spec.get("masked_fraction", 1.0), micro=spec.get("micro", 0)) \
+        if spec["side"] == "ours" else Peer(cfg, device, dtype)
     batch = make_batch(cfg, spec["batch"], device)
     try:
         runner.step(case, keep, batch, 0)
@@ -285,6 +296,89 @@ def ablate(args):
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# A batch that fits (--fit), and fp16 beside bf16 (--precision)
+# ---------------------------------------------------------------------------------------------
+
+
+def saved_bytes(cfg, loss_cfg, batch):
+    """Bytes autograd keeps for backward through one paired step of `batch` pairs (bf16 autocast, on the CPU):
+    every saved tensor's storage once (a saved-tensors hook), weights excluded. With --grad_ckpt a block saves only
+    its input, which the hook sees too (tests/test_fit.py checks both against the profiler's allocations)."""
+    runner = Ours(cfg, torch.device("cpu"), torch.bfloat16)
+    runner.objective.cfg = loss_cfg
+    weights, kept = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runner.autocast:
+        runner.objective("pairs", make_batch(cfg, batch, torch.device("cpu")), 0)
+    return sum(kept.values())
+
+
+def fit(args, cfg, device):
+    """The largest micro-batch (pairs per GPU and forward) of the paired step, at the preset recipe's losses, that
+    fits --gpu_gb, with and without --grad_ckpt. On a GPU: searched, doubling in a fresh process each until one
+    runs out of memory. On a CPU: estimated, from the activations per pair (saved_bytes at 4 and 8 pairs; SDPA,
+    as on a GPU), 16 bytes per parameter (fp32 weights and gradients, AdamW's two moments; / --world with --fsdp),
+    2 for autocast's copies of the weights, and 10% of the memory left to the CUDA context and fragmentation."""
+    recipe = train.RECIPES[args.preset]
+    loss_cfg = losses.LossConfig(**{f.name: recipe[f.name] for f in fields(losses.LossConfig) if f.name in recipe})
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in M.FLAVA(cfg).parameters())
+    print(f"\n{args.preset}: {n_params / 1e6:.0f}M parameters, {args.gpu_gb:g} GB per GPU, keep_ratio "
+          f"{loss_cfg.keep_ratio:g}, masked_fraction {loss_cfg.masked_fraction:g}, masked_pass {loss_cfg.masked_pass}\n")
+    print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world |\n"
+          + "|---" * 4 + "|")
+    rows = []
+    for ckpt in (False, True):
+        c = replace(cfg, grad_ckpt=ckpt, attn="sdpa")
+        if device.type == "cuda":
+            spec = {"cfg": asdict(c), "device": str(device), "dtype": args.dtype, "threads": args.threads, "keep":
+                    loss_cfg.keep_ratio, "masked_fraction": loss_cfg.masked_fraction, "side": "ours", "case": "pairs",
+                    "gpu_gb": args.gpu_gb}
+            b, largest = 8, 0
+            while not probe_fresh({**spec, "batch": b})["oom"]:
+                largest, b = b, 2 * b
+            row = {"grad_ckpt": ckpt, "per_pair_mib": None, "largest": largest, "largest_fsdp": None}
+        else:
+            per_pair = (saved_bytes(c, loss_cfg, 8) - saved_bytes(c, loss_cfg, 4)) / 4
+            room = [0.9 * args.gpu_gb * 1e9 - n_params * (16 / w + 2) for w in (1, args.world)]
+            row = {"grad_ckpt": ckpt, "per_pair_mib": per_pair / 2**20, "largest": int(room[0] // per_pair),
+                   "largest_fsdp": int(room[1] // per_pair)}
+        rows.append(row)
+        print(f"| {ckpt} | {row['per_pair_mib'] or 0:.0f} | {row['largest']} | {row['largest_fsdp']} |")
+    if device.type != "cuda":
+        print("\nCPU estimate: measured activations, computed weights and optimizer state (see bench.fit)")
+    return rows
+
+
+def precision(args):
+    """fp16 with its GradScaler beside bf16, on a GPU: the same short train.py run in each (its first
+    --precision_steps joint steps), their median time per step and their losses side by side."""
+    if not torch.cuda.is_available():
+        print("--precision compares fp16 and bf16 on a GPU (fp16 autocast needs CUDA); no GPU here: skipped")
+        return None
+    runs = {}
+    for dtype in ("fp16", "bf16"):
+        out = os.path.join(args.ablate_dir, f"precision_{dtype}")
+        subprocess.run([sys.executable, "train.py", "--preset", args.preset, "--dtype", dtype, "--out_dir", out,
+                        "--steps", str(args.precision_steps), "--dvae_steps", "50", "--log_every", "1", "--eval",
+                        "false", "--seed", str(args.seed)], check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            runs[dtype] = [r for r in map(json.loads, f) if r.get("stage") == "joint"]
+    ms = {d: ms_per_step(os.path.join(args.ablate_dir, f"precision_{d}")) for d in runs}
+    print(f"\n{args.preset}: ms/step (median) fp16 {ms['fp16']:.0f}, bf16 {ms['bf16']:.0f}\n\n"
+          "| step | fp16 total | bf16 total |\n|---|---|---|")
+    for a, b in zip(runs["fp16"], runs["bf16"]):
+        if a["step"] == 1 or a["step"] % max(1, args.precision_steps // 10) == 0:
+            print(f"| {a['step']} | {a['total']:.4f} | {b['total']:.4f} |")
+    return runs
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, default, text in [
@@ -299,6 +393,9 @@ def parse_args(argv):
             ("pair_keep", "1.0,0.5", "FLIP keep ratios of the full paired step"),
             ("mem", "true", "measure memory, in a fresh process per case: true | false"),
             ("masked_fraction", 1.0, "share of a paired batch in the masked pass (1.0 = FLAVA; tiny recipe: 0.25)"),
+            ("micro", 0, "also time the paired step in micro-batches of this many pairs (GradCache; 0 = not)"),
+            ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world", 8, "--fit: processes that --fsdp shards over"),
+            ("precision_steps", 300, "--precision: steps of each short train.py run"),
             ("json", "bench.json", "where to write the results")]:
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. text_len=64")
@@ -308,6 +405,8 @@ def parse_args(argv):
     p.add_argument("--ablate_dir", default="runs/ablate", help="where the ablation runs go")
     p.add_argument("--ablate_steps", type=int, default=0, help="joint steps of each ablation run (0: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="the ablation runs' seed")
+    p.add_argument("--fit", action="store_true", help="the largest micro-batch that fits --gpu_gb (see fit())")
+    p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see precision())")
     return p.parse_args(argv)
 
 
@@ -316,6 +415,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.ablate:
         return ablate(args)
+    if args.precision:
+        return precision(args)
     try:
         device = train.pick_device(args.device)
     except ValueError as e:
@@ -324,8 +425,11 @@ def main(argv=None):
     kinds = {k: type(getattr(M.ModelConfig, k)) for k in sets}
     cfg = M.ModelConfig.from_preset(args.preset, **{k: v == "true" if kinds[k] is bool else kinds[k](v)
                                                     for k, v in sets.items()})
+    if args.fit:
+        return fit(args, cfg, device)
     jobs = [("ours", "contrastive", float(k)) for k in args.keep.split(",") if "contrastive" in cases]
     jobs += [("ours", "pairs", float(k)) for k in args.pair_keep.split(",") if "pairs" in cases]
+    jobs += [("ours", "accum", float(k)) for k in args.pair_keep.split(",") if "pairs" in cases and args.micro]
     jobs += [("ours", c, 1.0) for c in ("images", "texts") if c in cases]
     if args.peer:
         try:
@@ -334,7 +438,7 @@ def main(argv=None):
         except ImportError:
             print("note: transformers is not installed; the Hugging Face comparison is skipped")
     spec = {"cfg": asdict(cfg), "device": str(device), "dtype": args.dtype, "threads": args.threads,
-            "masked_fraction": args.masked_fraction}
+            "masked_fraction": args.masked_fraction, "micro": args.micro}
     B = None if args.batch == "max" else int(args.batch)
     if B is None:  # double until the joint step no longer fits, each try in a fresh process
         if device.type != "cuda":
@@ -349,7 +453,7 @@ def main(argv=None):
            for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
 
     dtype = train.resolve_dtype(args.dtype, device)
-    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction)}
+    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction, args.micro)}
     if any(side == "peer" for side, _, _ in jobs):
         runners["peer"] = Peer(cfg, device, dtype)
     batch, order, rng = make_batch(cfg, B, device), list(jobs), random.Random(0)
@@ -396,6 +500,10 @@ def main(argv=None):
 
     checks = [{"name": n, "value": statistics.median(x / y for x, y in zip(wall[a], wall[b])), "goal": g, "op": ">="}
               for n, a, b, g in GOALS if a in wall and b in wall]
+    for k in [k for _, case, k in wall if case == "accum" and ("ours", "pairs", k) in wall]:
+        ratio = statistics.median(x / y for x, y in zip(wall["ours", "accum", k], wall["ours", "pairs", k]))
+        checks.append({"name": f"GradCache: paired step at keep {k:g}, time in micro-batches of {args.micro} / in one",
+                       "value": ratio, "goal": None, "op": ">="})
     m1, m5 = mem.get(("ours", "contrastive", 1.0), {}), mem.get(("ours", "contrastive", 0.5), {})
     if m1.get("rise") and m5.get("rise"):
         checks += [{"name": f"memory: contrastive pass {k}, keep 0.5 / 1.0", "value": m5[k] / m1[k], "goal": 0.6,

@@ -13,6 +13,7 @@ Shapes follow model.py's legend. All masked-prediction losses ignore label -100 
 NaN, when nothing is masked. Every tensor keeps a static shape (no boolean indexing), so a step
 never waits on the GPU to know how many tokens were masked.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -202,9 +203,9 @@ class FLAVALoss(nn.Module):
         self.k_text = masking.max_text_masked(mcfg.text_len, cfg.mlm_prob)  # static bounds per row: MLM, MMM-text
         self.k_mmm = masking.max_text_masked(mcfg.text_len, cfg.mmm_text_prob)
 
-    def forward(self, source: str, batch: dict, seed: int, first_row: int | None = None):
-        """The named losses and their weighted `total` for one batch of one source."""
-        return self.step(source, batch, self.draw(source, batch, seed, first_row))
+    def forward(self, source: str, batch: dict, seed: int, first_row: int | None = None, draws=None):
+        """The named losses and their weighted `total` for one batch of one source (draws: given by accumulate)."""
+        return self.step(source, batch, self.draw(source, batch, seed, first_row) if draws is None else draws)
 
     @torch.compiler.disable
     def draw(self, source: str, batch: dict, seed: int, first_row: int | None = None) -> dict:
@@ -257,6 +258,12 @@ class FLAVALoss(nn.Module):
         return masking.text_mask(ids, mask_id=self.mask_id, special_ids=self.special_ids, rows=rows,
                                  vocab_size=self.model.cfg.vocab_size, prob=prob, generator=gen)
 
+    def _masked_span(self, first, count, total):
+        """(j0, j1, n_all): of the masked pass's n_all rows j (global row j * total // n_all), those with
+        j0 <= j < j1 lie in global rows first .. first + count - 1."""
+        n_all = max(1, round(total * self.cfg.masked_fraction))
+        return -(-first * n_all // total), -(-(first + count) * n_all // total), n_all  # ceil: first j at or past a row
+
     @staticmethod
     def _divisors(world, **counts):
         """A masked-prediction loss divides its sum by the labelled positions of the global batch (counts
@@ -294,8 +301,7 @@ class FLAVALoss(nn.Module):
         # The masked pass may run on a share of the rows only (masked_fraction): the contrastive loss gains
         # from every extra negative, MMM and ITM much less, and the masked pass costs more. Its n_all rows
         # j * total // n_all are spread evenly over the global batch; this rank holds those with j0 <= j < j1.
-        n_all = max(1, round(total * c.masked_fraction))
-        j0, j1 = -(-first * n_all // total), -(-(first + B) * n_all // total)  # ceil: first j at or past a row
+        j0, j1, n_all = self._masked_span(first, B, total)
         rows = torch.arange(j0, j1, device=device) * total // n_all - first  # (n,) local rows of the masked pass
         # ITM negatives: swap a share of captions for another sample's caption. The partner is uniform over
         # the *other* rows of the global batch (every rank's captions are gathered: small int tensors); the
@@ -320,16 +326,26 @@ class FLAVALoss(nn.Module):
                 "divisors": divisors,
                 "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
 
+    def contrastive_pass(self, images, ids, attn, keep_idx):
+        """Both towers on the unmasked inputs (FLIP: the kept patches only) -> the pre-LN states of the image
+        (B, 1 + K, D) and the text (B, L, D), and the L2-normalised image and text embeddings (B, E) each."""
+        m = self.model
+        image_hidden, image_out = m.encode_image(images, keep_idx=keep_idx)  # 2 x (B, 1 + K, D)
+        text_hidden, text_out = m.encode_text(ids, attn)  # 2 x (B, L, D)
+        return image_hidden, text_hidden, m.image_embed(image_out), m.text_embed(text_out)
+
     def pairs(self, images_u8, ids, attn, draws):
         m, c, div = self.model, self.cfg, draws["divisors"]
         P, L = m.cfg.num_patches, ids.size(1)
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
 
         # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
-        image_hidden, image_out = m.encode_image(images, keep_idx=draws["keep_idx"])  # 2 x (B, 1 + K, D)
-        text_hidden, text_out = m.encode_text(ids, attn)  # 2 x (B, L, D)
-        image_emb, text_emb = m.image_embed(image_out), m.text_embed(text_out)  # (B, E) each
-        gc = contrastive_loss(image_emb, text_emb, m.logit_scale, c.backprop)
+        image_hidden, text_hidden, image_emb, text_emb = self.contrastive_pass(images, ids, attn, draws["keep_idx"])
+        if "emb_grads" in draws:  # a micro-batch of `accumulate`: GC is known, and so is its gradient w.r.t. the
+            # embeddings and logit_scale; <x, dGC/dx> back-propagates exactly GC's gradient to the weights
+            gc = sum((x * g).sum() for x, g in zip((image_emb, text_emb, m.logit_scale), draws["emb_grads"]))
+        else:
+            gc = contrastive_loss(image_emb, text_emb, m.logit_scale, c.backprop)
 
         # 2. Masked multimodal modeling and ITM on the n rows of draw_pairs, each with the caption ITM judges
         # (its own, or for a negative another row's). FLAVA ("joint") runs one pass of the BEiT-masked image
@@ -358,3 +374,84 @@ class FLAVALoss(nn.Module):
                                       div["mmm_image"])
         mmm_text = masked_prediction(m.mmm_text_head, mm_text[:, -L:], text_labels, self.k_mmm, div["mmm_text"])
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation that keeps every negative (GradCache, Gao et al., arXiv 2101.06983)
+# ---------------------------------------------------------------------------------------------
+
+
+def split(loss_fn, source, batch, draws, size):
+    """A local batch and its draws cut into micro-batches of `size` rows -> [(batch, draws)]. Each keeps what
+    was drawn for its rows of the whole batch (and of the masked pass, row ranges by FLAVALoss._masked_span),
+    and the whole step's divisors, so its masked losses are its share of the whole batch's mean."""
+    B = len(batch["image" if source == "images" else "ids"])
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    j0 = loss_fn._masked_span(rank * B, B, world * B)[0]
+    parts = []
+    for a in range(0, B, size):
+        rows = slice(a, a + size)
+        if source == "pairs":
+            ja, jb, _ = loss_fn._masked_span(rank * B + a, size, world * B)
+            part = {k: v[ja - j0 : jb - j0] for k, v in draws.items() if k not in ("keep_idx", "divisors")}
+            part["rows"] = part["rows"] - a  # (n,) rows of this micro-batch
+            part["keep_idx"] = None if draws["keep_idx"] is None else draws["keep_idx"][rows]  # (size, K)
+        else:
+            part = {k: v[rows] for k, v in draws.items() if k != "divisors"}
+        parts.append(({k: v[rows] for k, v in batch.items()}, {**part, "divisors": draws["divisors"]}))
+    return parts
+
+
+def _gradient_sync(step_fn, on: bool):
+    """DDP all-reduces the gradients in every backward, except inside no_sync(). FSDP2 reduce-scatters them at every
+    micro-step: they stay sharded, which is what FSDP is for (and its set_requires_gradient_sync(False) fails in
+    torch 2.13 on a unit that no step has used yet: AttributeError '_unsharded_param')."""
+    return step_fn.no_sync() if not on and hasattr(step_fn, "no_sync") else contextlib.nullcontext()
+
+
+def accumulate(step_fn, source, batch, seed, micro_batch, backward, autocast=contextlib.nullcontext()):
+    """One step of one source in micro-batches of `micro_batch` rows per rank (0, or the local batch or more: one
+    forward) -> its named losses; the gradients are left in .grad. step_fn: a FLAVALoss, bare or under DDP or FSDP2;
+    backward(loss) back-propagates (train.py scales the loss for fp16 first); autocast wraps the forwards only.
+
+    Masked losses are sums over positions divided by the whole batch's count (FLAVALoss._divisors), so their
+    gradients simply add up over micro-batches. The contrastive loss does not: each row's softmax runs over all
+    the global batch's columns, and naive accumulation would shrink the negatives to one micro-batch. GradCache
+    (open_clip's --accum-freq) keeps them: (1) every micro-batch's contrastive pass runs without a graph and its
+    embeddings are kept; (2) the global contrastive loss of the whole batch, across ranks through the gather, and
+    its gradient w.r.t. the embeddings and logit_scale are computed from them; (3) each micro-batch runs again with
+    its graph (contrastive pass, masked pass, ITM, MMM) and back-propagates <embeddings, that gradient> plus its
+    share of the other losses. The cost is step (1): one more contrastive forward, without a graph. Every choice is
+    drawn once for the whole batch and cut (split), so the step is the same whatever the split; DDP reduces the
+    gradients at the last micro-step only."""
+    loss_fn = getattr(step_fn, "module", step_fn)  # the FLAVALoss inside DDP
+    if not micro_batch or micro_batch >= len(batch["image" if source == "images" else "ids"]):  # one forward
+        with autocast:
+            losses = step_fn(source, batch, seed=seed)
+        backward(losses["total"])
+        return losses
+    with autocast:
+        parts = split(loss_fn, source, batch, loss_fn.draw(source, batch, seed), micro_batch)
+    if source == "pairs":  # (1) and (2)
+        with torch.no_grad(), autocast:
+            embs = [loss_fn.contrastive_pass(b["image"].float() / 255, b["ids"], b["attn"], d["keep_idx"])[2:]
+                    for b, d in parts]
+        image_emb, text_emb = (torch.cat(e).requires_grad_() for e in zip(*embs))  # (B, E) each
+        scale = loss_fn.model.logit_scale.detach().requires_grad_()
+        gc = contrastive_loss(image_emb, text_emb, scale, loss_fn.cfg.backprop)
+        grads = torch.autograd.grad(gc, (image_emb, text_emb, scale))  # (B, E), (B, E), ()
+    out = {}
+    for i, (micro, draws) in enumerate(parts):  # (3)
+        last = i == len(parts) - 1
+        if source == "pairs":  # this micro-batch's rows of the embedding gradients; logit_scale's once
+            rows = slice(i * micro_batch, (i + 1) * micro_batch)
+            draws["emb_grads"] = grads[0][rows], grads[1][rows], grads[2] * last
+        with _gradient_sync(step_fn, last):
+            with autocast:
+                losses = step_fn(source, micro, seed, draws=draws)
+            backward(losses["total"])
+        out = {k: out.get(k, 0) + v.detach() for k, v in losses.items()}
+    if source == "pairs":  # report GC itself, not the surrogate <x, dGC/dx> the micro-steps back-propagated
+        out["total"] = out["total"] + loss_fn.cfg.gc_weight * (gc.detach() - out["gc"])
+        out["gc"] = gc.detach()
+    return out

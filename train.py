@@ -6,12 +6,17 @@ images or texts; paper 0.70 / 0.15 / 0.15); AdamW (0.9, 0.999), weight decay 0.1
 cosine, FP16 with FP32 LayerNorm. FLIP (arXiv 2212.00794) §3: drop patches in the contrastive
 pass, then tune briefly without dropping.
 
+Precision, one rule for every stage: stage 1 (the image tokenizer's k-means) has no gradients and runs in fp32
+outside autocast; stages 2-4 run every forward under one autocast of --dtype: fp16 on CUDA (as FLAVA trained)
+with a GradScaler, bf16 without one, contrastive logits in fp32. config.json and the log say which.
+
     python train.py                                # the embedded default: tiny FLAVA on synthetic shapes, CPU, minutes
     python train.py --help                         # every flag, grouped
     torchrun --nproc_per_node=2 train.py           # the same on 2 processes (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node=8 train.py --preset base --pairs pmd.jsonl --images imagenet/train --texts books.txt
     torchrun --nproc_per_node=8 train.py --preset base --shards 'pmd/{00000..07000}.tar' --images imagenet/train
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --preset base ...
+    torchrun --nproc_per_node=8 train.py --preset base --fsdp true --micro_batch 256 --grad_ckpt true ...  # README
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
     python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
@@ -33,12 +38,13 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import eval as evaluation
-from losses import FLAVALoss, LossConfig, compile_step
+from losses import FLAVALoss, LossConfig, accumulate, compile_step
 from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer_for, load_checkpoint, load_state,
                    pretrained_checkpoint)
 
@@ -63,6 +69,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     tokenizer_size: int = 8192  # vocabulary size when it is built from the data's text
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and sample)
     batch_size: int = 128  # global batch per step, split evenly over ranks
+    micro_batch: int = 0  # rows per rank and forward; fewer than the rank's batch accumulate gradients (0 = all)
     steps: int = 700  # joint FLAVA steps (stage 3)
     lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
     min_lr: float = 1e-4  # end of the cosine
@@ -81,6 +88,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     device: str = "auto"  # auto | cpu | cuda; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
     compile: bool = False  # torch.compile the step
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, under torchrun)
     workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
     log_every: int = 25  # steps between log lines (the only host-device synchronisation)
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
@@ -97,15 +105,17 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
 # paper's recipe (FLAVA §3.4: batch 8192, lr 1e-3, 10k warmup, AdamW beta2 0.999, 0.70/0.15/0.15)
 # with FLIP's 50% patch dropping in the contrastive pass and a short unmasked tuning at the end
 # (FLIP §3). `tiny` keeps every patch: its objects cover a few patches of a 64 px image, and
-# dropping half of them halved its zero-shot accuracy at equal time (README, "Tuning").
+# dropping half of them halved its zero-shot accuracy at equal time (README, "Tuning"). micro_batch: what fits a
+# GPU, by `bench.py --fit`'s estimate (README, "Scaling up"): `base` runs 1024 pairs per GPU on 8 GPUs as 8
+# micro-batches of 128 (~30 GB of 80), `small` 128 at once (~10 GB) and accumulates on fewer GPUs.
 RECIPES = {
     "tiny": {},
     "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
                   p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
-                  log_every=50, ckpt_every=1000),
+                  log_every=50, ckpt_every=1000, micro_batch=128),
     "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
                  p_images=0.15, p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=5000,
-                 dvae_steps=20_000, log_every=100, ckpt_every=2000),
+                 dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128),
 }
 
 
@@ -156,6 +166,13 @@ def parse_args(argv=None):
         pick_device(train.device, int(os.environ.get("LOCAL_RANK", 0)))
         if train.batch_size < 1 or train.batch_size % world:
             raise ValueError(f"batch_size={train.batch_size} must be a positive multiple of the world size {world}")
+        local = train.batch_size // world
+        if train.micro_batch < 0 or 0 < train.micro_batch < local and local % train.micro_batch:
+            raise ValueError(f"--micro_batch={train.micro_batch} must divide each process's batch, batch_size / "
+                             f"world size = {train.batch_size} / {world} = {local} (or be 0: no accumulation)")
+        if train.fsdp and "RANK" not in os.environ:
+            raise ValueError("--fsdp shards the model over torchrun's processes: start with torchrun "
+                             "(torchrun --nproc_per_node=N train.py ...)")
         if train.pairs and train.shards:
             raise ValueError("give pairs as --pairs (a manifest) or as --shards (tar shards), not both")
         if train.resume_changes not in ("refuse", "ok"):
@@ -230,6 +247,74 @@ def make_optimizer(model, cfg: TrainConfig):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
     except (RuntimeError, ValueError):  # an older torch or another device: the multi-tensor path
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), foreach=True)
+
+
+def shard(objective, dtype):
+    """--fsdp, with FSDP2 (ZeRO-3, as FLAVA trained with FSDP): each transformer block, each encoder, then the rest
+    (projections, heads) is a unit whose weights, gradients and AdamW state are sharded over the ranks and gathered
+    only while it computes. The gathered weights are in the run's precision (FSDP's mixed-precision policy;
+    gradients are reduced in fp32) and autocast still decides each op's precision, as without FSDP. Not sharded:
+    the frozen image tokenizer, and logit_scale (FSDP cannot shard a 0-d parameter; main averages its gradient)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    m = objective.model
+    for encoder in (m.image_encoder, m.text_encoder, m.mm_encoder):
+        for block in encoder.transformer.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(encoder, mp_policy=policy)
+    fully_shard(objective, mp_policy=policy, ignored_params={m.logit_scale, *objective.dvae.parameters()})
+    register_fsdp_forward_method(objective, "contrastive_pass")  # losses.accumulate calls it outside forward
+    return objective
+
+
+def _whole(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def whole_states(model, optimizer=None):
+    """The state dicts with every FSDP shard gathered into its whole tensor (a collective: every rank calls it), so a
+    checkpoint is the same with or without FSDP, and eval, resume and another world size read it alike."""
+    model_state = {k: _whole(v) for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return model_state
+    optim_state = optimizer.state_dict()
+    optim_state["state"] = {i: {k: _whole(v) for k, v in s.items()} for i, s in optim_state["state"].items()}
+    return model_state, optim_state
+
+
+def load_optimizer(optimizer, state):
+    """A checkpoint's (whole) optimizer state; under FSDP each tensor is cut to its parameter's shard."""
+    optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        if isinstance(p, DTensor):
+            for k, v in s.items():
+                if k != "step":
+                    s[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)  # this rank's part
+
+
+def unsharded(model, mcfg, device, fsdp, rank):
+    """The model that rank 0 evaluates: itself, or under FSDP a whole copy (gathered: every rank calls this)."""
+    if not fsdp:
+        return model
+    state = whole_states(model)
+    if rank == 0:
+        copy = FLAVA(mcfg).to(device)
+        copy.load_state_dict(state)
+        return copy
+
+
+def out_of_memory(cfg, world_size):
+    """What to say when a forward + backward runs out of GPU memory."""
+    local = cfg.batch_size // world_size
+    micro = cfg.micro_batch if 0 < cfg.micro_batch < local else local
+    return (f"train.py: out of GPU memory in the forward + backward of a micro-batch of {micro} rows per process "
+            f"(--batch_size {cfg.batch_size} over {world_size} process(es), --micro_batch {cfg.micro_batch}). "
+            "What helps: a smaller --micro_batch dividing the process's batch (the step stays the same: gradients "
+            "accumulate), --grad_ckpt true (blocks recomputed in backward: ~30% more compute), --fsdp true (weights, "
+            f"gradients and AdamW state sharded). `python bench.py --fit --preset {cfg.preset} --gpu_gb N` tells "
+            "which micro-batch fits.")
 
 
 def stages(cfg: TrainConfig):
@@ -308,7 +393,7 @@ def trim_log(path, step, keep_dvae):
 # how fast it loads, compiles and attends, what it recomputes. Any other difference from the checkpoint's flags is
 # refused (or accepted: --resume_changes ok).
 HARMLESS = {"out_dir", "log_every", "ckpt_every", "keep_ckpts", "workers", "compile", "device", "resume",
-            "resume_changes", "eval", "eval_pairs", "eval_every", "attn", "grad_ckpt"}
+            "resume_changes", "eval", "eval_pairs", "eval_every", "attn", "grad_ckpt", "micro_batch", "fsdp"}
 
 
 def fail(error):
@@ -543,7 +628,7 @@ def main(argv=None):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     mixture = data.Mixture(sources)
     config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
-              "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+              "device": str(device), "dtype": str(dtype).replace("torch.", ""), "grad_scaler": dtype == torch.float16}
     print0(json.dumps(config, indent=1))
     if rank == 0 and cfg.resume:
         trim_log(log_path, resume["step"] if resume else 0, keep_dvae=resume is not None or os.path.exists(dvae_path))
@@ -594,8 +679,9 @@ def main(argv=None):
     # ---- the model, its optimizer and the step -----------------------------------------------
     torch.manual_seed(cfg.seed)  # FLAVA's initial weights, whatever stage 1 drew from the generator
     model = FLAVA(mcfg).to(device)
-    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    log({"event": "precision", "dtype": config["dtype"], "grad_scaler": scaler.is_enabled(),
+         "image_tokenizer": "fp32, no gradients"})
     step, last_saved = 0, None
     counters = {"skipped_samples": 0, "overflow_steps": 0}  # over the whole run, resumes included
     if init is not None and resume is None:
@@ -603,7 +689,6 @@ def main(argv=None):
         print0(f"initialised from {cfg.init_from}")
     if resume is not None:
         load_state(model, resume["model"], f"{ckpt_path} model")
-        optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step = last_saved = resume["step"]
         counters.update(resume.get("counters", {}))
@@ -612,7 +697,13 @@ def main(argv=None):
     objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
     # touches the text encoder): DDP must look for them instead of waiting for their gradients.
-    step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
+    if cfg.fsdp:
+        step_fn = shard(objective, dtype)
+    else:
+        step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
+    optimizer = make_optimizer(model, cfg)  # after sharding: FSDP replaces the parameters by their shards
+    if resume is not None:
+        load_optimizer(optimizer, resume["optimizer"])
     if cfg.compile:
         step_fn = compile_step(step_fn)
     print0(f"FLAVA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -621,9 +712,10 @@ def main(argv=None):
     def save_checkpoint(at_step):
         nonlocal last_saved
         streams = {"stage": name, "sources": stream_states(batches, world_size)}  # where tar shards were read to
+        model_state, optimizer_state = whole_states(model, optimizer)
         if rank == 0:
-            save_atomic({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at_step,
+            save_atomic({"format": "nanoflava-1", "model": model_state, "dvae": dvae.state_dict(),
+                         "optimizer": optimizer_state, "scaler": scaler.state_dict(), "step": at_step,
                          "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
                          "vocab": tokenizer.vocab, "rng": rng_state(device), "counters": dict(counters),
                          "streams": streams}, ckpt_path)
@@ -638,6 +730,10 @@ def main(argv=None):
              for name, _, _ in plan for src in data.SOURCES}
     bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
     interval, t_log, steps_in_log, samples_in_log, flops_in_log = {}, time.time(), 0, 0, 0.0
+
+    def backward(loss):
+        scaler.scale(loss).backward()
+
     for name, first, n in plan:
         if step >= first + n:
             continue
@@ -655,11 +751,16 @@ def main(argv=None):
             lr = lr_at(cfg, name, step - first, n)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                losses = step_fn(source, batch, seed=step_seed(cfg.seed, step))
-            scaler.scale(losses["total"]).backward()
+            try:  # in micro-batches of --micro_batch rows where it is set (losses.accumulate)
+                losses = accumulate(step_fn, source, batch, step_seed(cfg.seed, step), cfg.micro_batch, backward,
+                                    autocast)
+            except torch.OutOfMemoryError:
+                raise SystemExit(out_of_memory(cfg, world_size)) from None
+            if cfg.fsdp and model.logit_scale.grad is not None:  # not sharded (see shard): averaged as DDP would
+                dist.all_reduce(model.logit_scale.grad)
+                model.logit_scale.grad /= world_size
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = _whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -699,16 +800,19 @@ def main(argv=None):
                 dt = time.time() - t_log
                 row = {"stage": name, "step": step, **{k: round(v, 5) for k, v in means.items()}, "lr": lr,
                        "logit_scale": model.scale().item(), "ms_per_step": 1000 * dt / steps_in_log,
-                       "samples_per_s": samples_in_log / dt, **counters, "tflops": flops_in_log / dt / 1e12}
+                       "samples_per_s": samples_in_log / dt, **counters, "tflops": flops_in_log / dt / 1e12,
+                       **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
                 log(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "gc", "itm", "mim", "mlm")})
                 interval, new_skips, steps_in_log, samples_in_log, flops_in_log, t_log = {}, 0, 0, 0, 0.0, time.time()
-            if cfg.eval_every and step % cfg.eval_every == 0 and world is not None and rank == 0:
-                model.eval()
-                log({"step": step, "zeroshot_top1": evaluation.quick_eval(model, tokenizer, world, device, autocast,
-                                                                          n_pairs=0, per_class=10)["zeroshot_top1"],
-                     "elapsed_s": round(time.time() - t_start, 1)})
-                model.train()
+            if cfg.eval_every and step % cfg.eval_every == 0 and world is not None:
+                judged = unsharded(model, mcfg, device, cfg.fsdp, rank)
+                if rank == 0:
+                    judged.eval()
+                    log({"step": step, "zeroshot_top1": evaluation.quick_eval(
+                        judged, tokenizer, world, device, autocast, n_pairs=0, per_class=10)["zeroshot_top1"],
+                         "elapsed_s": round(time.time() - t_start, 1)})
+                    judged.train()
                 t_log = time.time()  # the clock pauses during evaluation
             if step % cfg.ckpt_every == 0 and step < total:
                 save_checkpoint(step)
@@ -718,9 +822,10 @@ def main(argv=None):
     print0(f"training done in {train_time:.0f} s; {counters}")
 
     # ---- end of run: evaluate on held-out data ------------------------------------------------
+    judged = unsharded(model, mcfg, device, cfg.fsdp, rank) if cfg.eval else None
     if cfg.eval and rank == 0:
-        model.eval()
-        results = evaluation.quick_eval(model, tokenizer, world, device, autocast, n_pairs=cfg.eval_pairs,
+        judged.eval()
+        results = evaluation.quick_eval(judged, tokenizer, world, device, autocast, n_pairs=cfg.eval_pairs,
                                         pairs_manifest=cfg.pairs)
         results.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - t_start, 1))
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:

@@ -1,0 +1,99 @@
+"""FSDP (train.py --fsdp: FSDP2's fully_shard per block and encoder) on 2 CPU processes (gloo): the same losses as
+DDP, step by step, and one checkpoint format, so an FSDP checkpoint resumes under DDP and the other way round.
+
+Two forked ranks run train.main four times (each run its own process group): A with FSDP and 2 micro-steps
+(losses.accumulate under FSDP), B with DDP in one forward, then C under DDP resumed from A's checkpoint half way
+and D under FSDP (one forward) resumed from B's. Paired, image-only and text-only steps, lr 1e-3 after a 1-step
+warmup, so that a wrongly restored AdamW state would show in the losses after the resume. Seed 9 draws the
+sources pairs, images, texts before the resume and again after it.
+
+    python -m pytest tests/test_fsdp.py
+"""
+import json
+import os
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_reliability import TINY
+
+STEPS = 6
+COMMON = [*TINY, "--steps", STEPS, "--ckpt_every", STEPS // 2, "--warmup", 1, "--lr", 1e-3, "--init_std", 0.2,
+          "--seed", 9, "--p_pairs", 0.4, "--p_images", 0.3, "--p_texts", 0.3, "--keep_ratio", 0.5,
+          "--masked_fraction", 0.5]
+RUNS = {  # out dir: (flags, the checkpoint it resumes from)
+    "A": (["--fsdp", "true", "--micro_batch", 2], None),
+    "B": ([], None),
+    "C": (["--resume"], f"A/ckpt_{STEPS // 2:07d}.pt"),
+    "D": (["--fsdp", "true", "--resume"], f"B/ckpt_{STEPS // 2:07d}.pt"),
+}
+
+
+def _worker(rank, world, ports, root):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    import train
+
+    for port, (name, (flags, resume_from)) in zip(ports, RUNS.items()):
+        os.environ["MASTER_PORT"] = str(port)
+        out = os.path.join(root, name)
+        if rank == 0 and resume_from:  # rank 0 alone reads the checkpoint (train.decide_resume)
+            os.makedirs(out)
+            shutil.copy(os.path.join(root, resume_from), os.path.join(out, "ckpt.pt"))
+        train.main([*map(str, COMMON + flags), "--dvae_ckpt", os.path.join(root, "dvae.pt"), "--out_dir", out])
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def steps(out_dir):
+    rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
+    return {r["step"]: r for r in rows if r.get("stage") == "joint"}
+
+
+def test_fsdp_matches_ddp_and_checkpoints_cross_over(tmp_path):
+    from model import DVAE, FLAVA, ModelConfig, load_checkpoint
+
+    mcfg = ModelConfig.from_preset("tiny", image_size=32, patch_size=8, codebook_size=32)
+    torch.manual_seed(0)
+    dvae = DVAE(mcfg)
+    with torch.no_grad():  # codes that vary: a random codebook in pixel space
+        dvae.codebook.uniform_()
+    torch.save(dvae.state_dict(), tmp_path / "dvae.pt")
+    ctx = mp.start_processes(_worker, args=(2, free_ports(len(RUNS)), str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish 4 short runs within 240 s: a hang")
+
+    a, b, c, d = (steps(tmp_path / name) for name in RUNS)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)) and sorted(c) == sorted(d) == list(range(4, STEPS + 1))
+    assert {"gc", "mim", "mlm"} <= {k for r in a.values() for k in r}  # every kind of step ran
+    keys = ("total", "gc", "itm", "mmm_image", "mmm_text", "mim", "mlm", "grad_norm", "logit_scale")
+    for ref, got, what in ((b, a, "FSDP + 2 micro-steps vs DDP"), (a, c, "DDP resumed from FSDP"),
+                           (b, d, "FSDP resumed from DDP")):
+        for step, row in got.items():
+            for k in keys:
+                if k in row:
+                    assert row[k] == pytest.approx(ref[step][k], rel=2e-5, abs=1e-5), (what, step, k)
+
+    # A checkpoint written under FSDP holds whole tensors, as one written under DDP does.
+    ckpt, plain = load_checkpoint(tmp_path / "A" / "ckpt.pt"), load_checkpoint(tmp_path / "B" / "ckpt.pt")
+    shapes = {k: v.shape for k, v in FLAVA(ModelConfig(**ckpt["model_cfg"])).state_dict().items()}
+    assert {k: v.shape for k, v in ckpt["model"].items()} == shapes
+    for i, state in plain["optimizer"]["state"].items():
+        assert {k: v.shape for k, v in ckpt["optimizer"]["state"][i].items()} == {k: v.shape for k, v in state.items()}
