@@ -140,9 +140,9 @@ class LossConfig:
     min_block: int = 0  # smallest BEiT block in patches; 0 scales BEiT's 16-of-196 to the grid
     mlm_prob: float = 0.15  # BERT: share of real text tokens masked for MLM (text-only batches)
     mmm_text_prob: float = 0.15  # share of a caption's tokens masked for MMM-text (FLAVA: as MLM's)
-    itm_neg_prob: float = 0.25  # share of captions swapped for another sample's to make ITM negatives
-    masked_pass: str = "joint"  # "joint": FLAVA's one pass masking both; "split": each masked modality meets the other whole
-    masked_fraction: float = 0.125  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
+    itm_neg_prob: float = 0.5  # share of captions swapped for another row's to make ITM negatives (ALBEF, ViLT: 0.5)
+    masked_pass: str = "split"  # "joint": FLAVA's one pass masking both; "split": each masked modality meets the other whole
+    masked_fraction: float = 0.5  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
     itm_weight: float = 1.0

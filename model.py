@@ -49,7 +49,7 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * D
     image_layers: int = 2  # depth of the image encoder (paper: 12)
     text_layers: int = 2  # depth of the text encoder (paper: 12)
-    mm_layers: int = 1  # depth of the multimodal encoder (paper: 6)
+    mm_layers: int = 2  # depth of the multimodal encoder (paper: 6); in 1, [CLS_M] reads tokens that never met
     vocab_size: int = 512  # V: word-piece vocabulary (set from the tokenizer at run time)
     text_len: int = 24  # L: fixed text length with padding (FLIP: 32, CLIP: 77; the world's captions: <= 23)
     embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
@@ -113,6 +113,7 @@ class ModelConfig:
 # paper's ViT-B/16 with 12 text layers, a 6-layer multimodal encoder and DALL-E's 8192 codes.
 PRESETS = {
     "tiny": dict(),
+    "tiny_long": dict(),  # the same model, a longer recipe (train.py RECIPES)
     "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
                   text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192, vocab_size=30522),
     "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
@@ -653,12 +654,14 @@ def _dalle_flops(cfg: ModelConfig) -> float:
 
 
 def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
-                     mlm_prob: float = 0.15, masked_fraction: float = 1.0) -> float:
+                     mlm_prob: float = 0.15, masked_fraction: float = 1.0, masked_pass: str = "split",
+                     mmm_text_prob: float = 0.15) -> float:
     """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
     the matmuls and convolutions that dominate (PaLM's MFU convention, arXiv 2204.02311 App. B):
     the patch embedding, every encoder pass, the heads at the positions losses.py applies them
     to, and the dVAE encoder's target pass (forward only, no gradient). A paired batch runs its
-    masked pass (and the dVAE) on a masked_fraction of its rows."""
+    masked pass (and the dVAE) on a masked_fraction of its rows: FLAVA's one fusion pass ("joint"), or
+    two ("split": the masked caption with the kept image tokens, the masked image with the caption)."""
     D, P, L, V, C = cfg.width, cfg.num_patches, cfg.text_len, cfg.vocab_size, cfg.codebook_size
     K = max(1, round(P * keep_ratio))
     n_img, n_txt = max(1, round(mask_ratio * P)), math.floor(mlm_prob * L) + 1  # as losses.FLAVALoss
@@ -678,8 +681,10 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
     if source != "pairs":
         raise ValueError(f"unknown source {source!r}")
     contrastive = image(1 + K) + text + 2 * 2 * D * cfg.embed_dim  # both towers + both projections
-    masked = image(1 + P) + text + 2 * (1 + P + L) * D * D  # both encoders again + image_to_mm / text_to_mm
-    masked += _encoder_flops(cfg, cfg.mm_layers, 2 + P + L) + head(n_img, C) + head(n_txt, V)
+    fused = [1 + P] if masked_pass == "joint" else [1 + K, 1 + P]  # image tokens of each fusion pass
+    masked = image(1 + P) + text  # both encoders again, on the masked inputs
+    masked += sum(2 * (n + L) * D * D + _encoder_flops(cfg, cfg.mm_layers, 1 + n + L) for n in fused)  # *_to_mm, fusion
+    masked += head(n_img, C) + head(math.floor(mmm_text_prob * L) + 1, V)
     masked += 2 * (D * D + 2 * D)  # ITM pooler + classifier
     return 3 * (contrastive + masked_fraction * masked) + masked_fraction * dvae
 

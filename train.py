@@ -70,7 +70,7 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     seed: int = 0  # one seed: model init (same on every rank), data and masks (per step and sample)
     batch_size: int = 128  # global batch per step, split evenly over ranks
     micro_batch: int = 0  # rows per rank and forward; fewer than the rank's batch accumulate gradients (0 = all)
-    steps: int = 700  # joint FLAVA steps (stage 3)
+    steps: int = 900  # joint FLAVA steps (stage 3)
     lr: float = 1e-3  # peak learning rate of stages 2-3 (paper: 1e-3 at batch 8192)
     min_lr: float = 1e-4  # end of the cosine
     warmup: int = 150  # linear warmup steps of each stage (paper: 10,000)
@@ -110,12 +110,13 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
 # micro-batches of 128 (~30 GB of 80), `small` 128 at once (~10 GB) and accumulates on fewer GPUs.
 RECIPES = {
     "tiny": {},
+    "tiny_long": dict(steps=2800, masked_fraction=1.0),  # ~20 minutes on 2 CPU cores: FLAVA's fusion half learns more
     "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
                   p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
-                  log_every=50, ckpt_every=1000, micro_batch=128),
+                  log_every=50, ckpt_every=1000, micro_batch=128, masked_pass="joint"),
     "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
                  p_images=0.15, p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=5000,
-                 dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128),
+                 dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128, masked_pass="joint"),
 }
 
 
@@ -726,7 +727,8 @@ def main(argv=None):
     plan, name, batches = stages(cfg), None, None
     total = sum(n for _, _, n in plan)
     flops = {(name, src): flops_per_sample(mcfg, src, 1.0 if name == "unmasked" else loss_cfg.keep_ratio,
-                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction)
+                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction,
+                                           loss_cfg.masked_pass, loss_cfg.mmm_text_prob)
              for name, _, _ in plan for src in data.SOURCES}
     bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
     interval, t_log, steps_in_log, samples_in_log, flops_in_log = {}, time.time(), 0, 0, 0.0

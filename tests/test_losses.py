@@ -260,7 +260,7 @@ def run_pairs_with_spies(monkeypatch, loss_fn, batch, seed):
 def test_itm_negatives_only_where_the_caption_really_differs(tiny_cfg, monkeypatch):
     """With itm_neg_prob 0.99 nearly every row is swapped, yet label 0 appears only where the partner's caption
     differs; identical captions give no negatives at all. Swapped rows carry another row's caption and mask."""
-    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.99)
+    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.99, masked_pass="joint")
     B = 8
     batch = make_batch(tiny_cfg, B, seed=1)
     batch["ids"][: B // 2] = batch["ids"][0]  # rows 0-3 share one caption, rows 4-7 have their own
@@ -289,7 +289,7 @@ def test_itm_negatives_only_where_the_caption_really_differs(tiny_cfg, monkeypat
 def test_mmm_learns_only_from_matched_pairs(tiny_cfg, monkeypatch):
     """MMM targets exist only in matched rows: there they are the dVAE codes of the masked patches and the
     original ids of the masked words; the fusion reads the *pre-LN* states of the masked pass."""
-    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5)
+    loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5, masked_pass="joint")  # FLAVA's one masked pass
     B, P, L = 8, tiny_cfg.num_patches, tiny_cfg.text_len
     batch = make_batch(tiny_cfg, B, seed=2)
     model = loss_fn.model

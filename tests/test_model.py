@@ -476,12 +476,13 @@ def test_beit_mask_token_replaces_patches_before_positions(tiny_cfg, stem):
 # FLOPs
 
 
-def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15):
+def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15, masked_pass="split"):
     """FLOPs that FlopCounterMode counts in one forward of the real FLAVA step, per sample, minus the dVAE pass."""
     torch.manual_seed(0)
     model, dvae = FLAVA(cfg), DVAE(cfg)
     loss_fn = losses.FLAVALoss(model, dvae, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
-                                                              mlm_prob=mlm_prob, masked_fraction=1.0),
+                                                              mlm_prob=mlm_prob, masked_fraction=1.0,
+                                                              masked_pass=masked_pass),
                                mask_id=4, special_ids=SPECIALS)
     images = (rand_images(B, cfg.image_size) * 255).to(torch.uint8)
     ids, attn = rand_text(B, cfg.text_len, cfg.vocab_size, min_len=cfg.text_len)  # no padding: L tokens each
@@ -494,8 +495,9 @@ def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, ml
     return total - (dvae_flops if source != "texts" else 0), dvae_flops
 
 
-@pytest.mark.parametrize("source", ["images", "texts", "pairs"])
-def test_flops_per_sample_matches_flop_counter(source):
+@pytest.mark.parametrize("source, masked_pass", [("images", "split"), ("texts", "split"), ("pairs", "split"),
+                                                 ("pairs", "joint")])
+def test_flops_per_sample_matches_flop_counter(source, masked_pass):
     """flops_per_sample / 3 equals the forward matmul FLOPs torch counts (linear stem, manual attention).
 
     With the paper's linear patch embedding every counted term is exact; the only one the estimate leaves
@@ -506,8 +508,8 @@ def test_flops_per_sample_matches_flop_counter(source):
     cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=2, text_layers=2, mm_layers=1,
                                   stem="linear", attn="manual", vocab_size=300, codebook_size=128, text_len=16)
     B = 2
-    measured, dvae_flops = _measured_forward_flops(cfg, source, B=B)
-    estimate = flops_per_sample(cfg, source, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15)
+    measured, dvae_flops = _measured_forward_flops(cfg, source, B=B, masked_pass=masked_pass)
+    estimate = flops_per_sample(cfg, source, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15, masked_pass=masked_pass)
     dvae_term = dvae_flops if source != "texts" else 0
     if source == "pairs":
         measured -= 2 * 2 * B * cfg.embed_dim  # the B x B logits, outside the estimate
