@@ -57,7 +57,7 @@ def image_features(model, images, device, autocast, keep_ratio=1.0, seed=0, batc
         keep = None if keep_ratio == 1 else masking.random_keep(len(x), model.cfg.num_patches, keep_ratio,
                                                                 generator=gen).to(device)  # (B, K)
         with autocast:
-            out = model.encode_image(x, keep_idx=keep)[1]  # (B, N, D), N = 1 + K
+            out = model.encode_image(x, keep_idx=keep).out  # (B, N, D), N = 1 + K
             cls.append(out[:, 0].float())
             emb.append(model.image_embed(out))
     return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
@@ -70,7 +70,7 @@ def text_features(model, tokenizer, texts, device, autocast, batch=512):
     for i in range(0, len(texts), batch):
         ids, attn = tokenizer.encode(texts[i : i + batch], model.cfg.text_len)  # (B, L), (B, L)
         with autocast:
-            out = model.encode_text(ids.to(device), attn.to(device))[1]  # (B, L, D)
+            out = model.encode_text(ids.to(device), attn.to(device)).out  # (B, L, D)
             cls.append(out[:, 0].float())
             emb.append(model.text_embed(out))
     return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
@@ -85,8 +85,8 @@ def fused_features(model, tokenizer, images, at, texts, device, autocast, batch=
         ids, attn = (t.to(device) for t in tokenizer.encode(texts[i : i + batch], model.cfg.text_len))  # (B, L)
         distinct, which = at[i : i + batch].unique(return_inverse=True)  # (U,), (B,)
         with autocast:
-            image_hidden = model.encode_image(images[distinct].to(device).float() / 255)[0]  # (U, N, D) pre-LN
-            text_hidden = model.encode_text(ids, attn)[0]  # (B, L, D) pre-LN
+            image_hidden = model.encode_image(images[distinct].to(device).float() / 255).hidden  # (U, N, D)
+            text_hidden = model.encode_text(ids, attn).hidden  # (B, L, D)
             mm = model.encode_multimodal(image_hidden[which.to(device)], text_hidden, attn)  # (B, M, D)
             cls.append(mm[:, 0].float())
             itm.append(model.itm_head(mm[:, 0]).float())
@@ -105,9 +105,9 @@ def masked_predictions(model, images, ids, attn, patch_masked, device, autocast,
         hidden = None if patch_masked is None else patch_masked[i : i + batch].to(device)  # (B, P)
         a = attn[i : i + batch].to(device)  # (B, L)
         with autocast:
-            image_hidden, image_out = model.encode_image(x, patch_masked=hidden)  # 2 x (B, N, D)
-            mm = model.encode_multimodal(image_hidden, model.encode_text(ids[i : i + batch].to(device), a)[0], a)
-            out["mim"].append(model.mim_head(image_out[:, 1:]).argmax(-1).cpu())  # (B, P)
+            image = model.encode_image(x, patch_masked=hidden)  # Encoded: 2 x (B, N, D)
+            mm = model.encode_multimodal(image.hidden, model.encode_text(ids[i : i + batch].to(device), a).hidden, a)
+            out["mim"].append(model.mim_head(image.out[:, 1:]).argmax(-1).cpu())  # (B, P)
             out["mmm_image"].append(model.mmm_image_head(mm[:, 2 : 2 + P]).argmax(-1).cpu())  # (B, P)
             out["mmm_text"].append(model.mmm_text_head(mm[:, -L:]).argmax(-1).cpu())  # (B, L)
     return {k: torch.cat(v) for k, v in out.items()}
