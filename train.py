@@ -236,7 +236,7 @@ def resolve_dtype(name: str, device) -> torch.dtype:
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW; weight decay only on weight matrices: never on norms, biases, embeddings, the
     cls/pos/mask tokens or logit_scale (decay would pull the temperature towards 1)."""
-    no_decay_names = ("cls_token", "pos_embed", "mask_token", "word_embed", "logit_scale", "codebook")
+    no_decay_names = ("cls_token", "pos_embed", "mask_token", "word_embed", "logit_scale")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -949,7 +949,7 @@ def main(argv=None):
     if run.cfg.eval and run.rank == 0:  # end of run: evaluate on held-out data (eval.json)
         judged.eval()
         results = evaluation.quick_eval(judged, run.tokenizer, run.world, run.device, run.autocast,
-                                        n_pairs=run.cfg.eval_pairs, pairs_manifest=run.cfg.pairs)
+                                        n_pairs=run.cfg.eval_pairs)
         results.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - run.t_start, 1))
         with open(run.path("eval.json"), "w") as f:
             json.dump(results, f, indent=1)
