@@ -191,7 +191,10 @@ class FLAVALoss(nn.Module):
     Holds the model (trained) and the frozen dVAE (whose codes are the image targets). Images
     arrive as uint8 (B, 3, S, S), text as ids and an attention mask (B, L); `seed` makes every
     random choice of the step (masks, kept patches, ITM swaps) a pure function of it, so a
-    resumed run draws exactly what an uninterrupted one would have."""
+    resumed run draws exactly what an uninterrupted one would have.
+
+    forward = draw (every random choice, eager) then step (the computation: `images`, `texts` or `pairs`,
+    compiled by --compile; compile_step says why the two are apart)."""
 
     def __init__(self, model, dvae, cfg: LossConfig, mask_id: int, special_ids):
         super().__init__()
@@ -207,7 +210,7 @@ class FLAVALoss(nn.Module):
         """The named losses and their weighted `total` for one batch of one source (draws: given by accumulate)."""
         return self.step(source, batch, self.draw(source, batch, seed, first_row) if draws is None else draws)
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # stays eager even when the step around it is compiled: see compile_step
     def draw(self, source: str, batch: dict, seed: int, first_row: int | None = None) -> dict:
         """Every random choice of the step as tensors (kept patches, ITM swaps, image and text masks), and
         the loss divisors. A row's choices depend on the seed (the same on every rank) and on its place in

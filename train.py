@@ -629,11 +629,11 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
 
-    def path(self, name):
+    def path(self, name):  # ckpt.pt, dvae.pt, log.jsonl, eval.json
         return os.path.join(self.cfg.out_dir, name)
 
     @property
-    def autocast(self):
+    def autocast(self):  # AMP written once: every forward of stages 2-4 and of the evaluations runs under it
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
@@ -650,8 +650,9 @@ def setup(argv) -> Run:
     ckpt_path, dvae_path, log_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "dvae.pt", "log.jsonl"))
     print0 = print if rank == 0 else (lambda *a, **k: None)
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
-    try:
+    try:  # every input file is opened (or refused) here, before any compute
         init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)
+        # what a checkpoint stores, to compare with a resumed one (vocab_size: the tokenizer's, unless a flag set it)
         current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
             k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
         resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
@@ -660,14 +661,14 @@ def setup(argv) -> Run:
         sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if resume is None and init is None and "vocab_size" not in model_overrides:
+    if resume is None and init is None and "vocab_size" not in model_overrides:  # a fresh run: as its tokenizer
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
               "device": str(device), "dtype": str(dtype).replace("torch.", ""), "grad_scaler": dtype == torch.float16}
-    print0(json.dumps(config, indent=1))
-    if rank == 0 and cfg.resume:
+    print0(json.dumps(config, indent=1))  # the resolved config, once; config.json holds the same
+    if rank == 0 and cfg.resume:  # the steps after the checkpoint are redone: their log rows go
         trim_log(log_path, resume["step"] if resume else 0, keep_dvae=resume is not None or os.path.exists(dvae_path))
     log = Log(log_path, rank)
     for name, source in sources.items():  # manifest rows that could not be read: counted, the first ones named
@@ -680,8 +681,8 @@ def setup(argv) -> Run:
             json.dump(config, f, indent=1)
     run = Run(cfg, mcfg, loss_cfg, rank, world_size, device, dtype, print0, log, sources, data.Mixture(sources), world,
               tokenizer, resume, init, t_start=time.time(), counters={"skipped_samples": 0, "overflow_steps": 0})
-    run.dvae = image_tokenizer(run, dvae_state)
-    build_model(run)
+    run.dvae = image_tokenizer(run, dvae_state)  # stage 1 (or its result, loaded)
+    build_model(run)  # after stage 1, which draws from the global generator: FLAVA's init is reseeded
     return run
 
 
