@@ -116,10 +116,8 @@ class Ours(Runner):
 
     def _contrastive(self, images_u8, ids, attn, keep_idx):
         """The contrastive pass of losses.FLAVALoss.pairs on its own."""
-        m = self.model
-        image_out = m.encode_image(images_u8.float() / 255, keep_idx=keep_idx)[1]  # (B, 1 + K, D)
-        text_out = m.encode_text(ids, attn)[1]  # (B, L, D)
-        return losses.contrastive_loss(m.image_embed(image_out), m.text_embed(text_out), m.logit_scale)
+        out = self.model.forward_contrastive(images_u8.float() / 255, ids, attn, keep_idx)
+        return losses.contrastive_loss(out.image_emb, out.text_emb, self.model.logit_scale)
 
     def step(self, case, keep, batch, seed):
         if case == "contrastive":

@@ -4,7 +4,7 @@ FLAVA (arXiv 2112.04482, §3.4) draws each update from one source: image-text pa
 text alone (0.70 / 0.15 / 0.15). Each source exists twice here: in an embedded synthetic world
 (captioned scenes of coloured shapes, deterministic, no downloads) and as files on disk (a JSONL/CSV
 manifest of pairs, an image folder tree, a text file), pairs also as web-scale tar shards, streamed.
-Images come out as uint8 (3, H, W): the model step normalises them (CLIP_MEAN / CLIP_STD) and computes
+Images come out as uint8 (3, H, W): the model normalises them (with CLIP's statistics) and the step computes
 its dVAE targets itself. Transforms follow FLAVA's public code: random-resized crop, scale (0.9, 1.0),
 for training; resize + centre crop for eval.
 
@@ -34,10 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP (arXiv 2103.00020) pixel statistics, which FLAVA uses
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SOURCES = ("pairs", "images", "texts")
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # in the order of Tokenizer.special_ids
+PROMPTS = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.")  # zero-shot
 MAX_SKIPS = 50  # consecutive unreadable files before a dataset gives up
 # BERT's basic tokenizer (uncased), whose ids a BERT vocab.txt expects: control and format characters
 # (Unicode C*, e.g. U+200B) deleted, white space split, CJK ideographs one word each, lower case, accents
@@ -195,8 +194,7 @@ class ShapesWorld:
     PREFIXES = ("", "a picture of", "an image of", "there is", "a photo of")
     RELATIONS = ("to the left of", "to the right of", "above", "below")
     QUESTION_WORDS = "how many objects are there what colour is the which shape yes no ?"
-    prompt_templates = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.",
-                        "there is a {}.", "a small {}.", "a large {}.")
+    prompt_templates = (*PROMPTS, "a small {}.", "a large {}.")  # zero-shot templates: the real ones and two more
 
     def __init__(self, image_size=64, seed=0, held_out=(("red", "triangle"), ("blue", "cross"), ("green", "circle")),
                  max_objects=3):

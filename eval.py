@@ -38,7 +38,6 @@ from losses import codebook_stats
 from model import load_checkpoint, models_from_checkpoint, pretrained_checkpoint
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
-PROMPTS = ("a {}.", "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.")  # real classes
 DROPS = (50, 75)  # % of patches dropped at inference, beside 0% (FLIP Table 1d)
 FIRST = {"pairs": 0, "singles": 100_000, "scenes": 200_000, "captions": 300_000}  # disjoint val scenes per task
 
@@ -57,7 +56,7 @@ def image_features(model, images, device, autocast, keep_ratio=1.0, seed=0, batc
         keep = None if keep_ratio == 1 else masking.random_keep(len(x), model.cfg.num_patches, keep_ratio,
                                                                 generator=gen).to(device)  # (B, K)
         with autocast:
-            out = model.encode_image(x, keep_idx=keep)[1]  # (B, N, D), N = 1 + K
+            out = model.encode_image(x, keep_idx=keep).out  # (B, N, D), N = 1 + K
             cls.append(out[:, 0].float())
             emb.append(model.image_embed(out))
     return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
@@ -70,7 +69,7 @@ def text_features(model, tokenizer, texts, device, autocast, batch=512):
     for i in range(0, len(texts), batch):
         ids, attn = tokenizer.encode(texts[i : i + batch], model.cfg.text_len)  # (B, L), (B, L)
         with autocast:
-            out = model.encode_text(ids.to(device), attn.to(device))[1]  # (B, L, D)
+            out = model.encode_text(ids.to(device), attn.to(device)).out  # (B, L, D)
             cls.append(out[:, 0].float())
             emb.append(model.text_embed(out))
     return torch.cat(cls).cpu(), torch.cat(emb).cpu()  # (n, D), (n, E)
@@ -85,8 +84,8 @@ def fused_features(model, tokenizer, images, at, texts, device, autocast, batch=
         ids, attn = (t.to(device) for t in tokenizer.encode(texts[i : i + batch], model.cfg.text_len))  # (B, L)
         distinct, which = at[i : i + batch].unique(return_inverse=True)  # (U,), (B,)
         with autocast:
-            image_hidden = model.encode_image(images[distinct].to(device).float() / 255)[0]  # (U, N, D) pre-LN
-            text_hidden = model.encode_text(ids, attn)[0]  # (B, L, D) pre-LN
+            image_hidden = model.encode_image(images[distinct].to(device).float() / 255).hidden  # (U, N, D)
+            text_hidden = model.encode_text(ids, attn).hidden  # (B, L, D)
             mm = model.encode_multimodal(image_hidden[which.to(device)], text_hidden, attn)  # (B, M, D)
             cls.append(mm[:, 0].float())
             itm.append(model.itm_head(mm[:, 0]).float())
@@ -105,9 +104,9 @@ def masked_predictions(model, images, ids, attn, patch_masked, device, autocast,
         hidden = None if patch_masked is None else patch_masked[i : i + batch].to(device)  # (B, P)
         a = attn[i : i + batch].to(device)  # (B, L)
         with autocast:
-            image_hidden, image_out = model.encode_image(x, patch_masked=hidden)  # 2 x (B, N, D)
-            mm = model.encode_multimodal(image_hidden, model.encode_text(ids[i : i + batch].to(device), a)[0], a)
-            out["mim"].append(model.mim_head(image_out[:, 1:]).argmax(-1).cpu())  # (B, P)
+            image = model.encode_image(x, patch_masked=hidden)  # Encoded: 2 x (B, N, D)
+            mm = model.encode_multimodal(image.hidden, model.encode_text(ids[i : i + batch].to(device), a).hidden, a)
+            out["mim"].append(model.mim_head(image.out[:, 1:]).argmax(-1).cpu())  # (B, P)
             out["mmm_image"].append(model.mmm_image_head(mm[:, 2 : 2 + P]).argmax(-1).cpu())  # (B, P)
             out["mmm_text"].append(model.mmm_text_head(mm[:, -L:]).argmax(-1).cpu())  # (B, L)
     return {k: torch.cat(v) for k, v in out.items()}
@@ -346,10 +345,11 @@ def read_class_names(path, folders):
 
 def held_out_files(args, tokenizer, cfg, squash):
     """--pairs as a data.FilePairs, --classes as a data.ImageFolder (None when not given), its classes named by
-    --class_names, and the templates of --prompts (one a line, {} for the class name; default PROMPTS). squash:
+    --class_names, and the templates of --prompts (one a line, {} for the class name; default data.PROMPTS). squash:
     a published model's own resizing (Hugging Face's FLAVA: the whole image to a square)."""
     pairs = data.FilePairs(args.pairs, cfg.image_size, tokenizer, cfg.text_len, train=False) if args.pairs else None
-    classes, prompts = data.ImageFolder(args.classes, cfg.image_size, train=False) if args.classes else None, PROMPTS
+    classes = data.ImageFolder(args.classes, cfg.image_size, train=False) if args.classes else None
+    prompts = data.PROMPTS
     for files in (f for f in (pairs, classes) if f is not None):
         files.squash = squash
     if classes is not None and args.class_names:
@@ -375,9 +375,9 @@ def zero_shot(model, tokenizer, images, labels, held, names, templates, device, 
     return results
 
 
-def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_manifest="", per_class=20):
+def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, per_class=20):
     """Zero-shot classification and retrieval on the synthetic world: the check train.py runs during and
-    after training. A run on files has no held-out set here (pairs_manifest is its training data): {}."""
+    after training. A run on files has no held-out set here (its files are its training data): {}."""
     model.eval()
     if world is None:
         return {}
@@ -392,7 +392,7 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, pairs_ma
 
 
 def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
-             pairs=None, classes=None, texts=None, prompts=PROMPTS, mask_ratio=0.383):
+             pairs=None, classes=None, texts=None, prompts=data.PROMPTS, mask_ratio=0.383):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
     replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
     check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
@@ -614,14 +614,13 @@ def main(argv=None):
     if bool(args.ckpt) == bool(args.hf):
         parser.error("give one of --ckpt and --hf")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    from train import pick_device  # train.py imports this file: imported here, once both are loaded
+    from train import pick_device, resolve_dtype  # train.py imports this file: imported here, once both are loaded
     try:
         t0, device = time.time(), pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"eval.py: {e}") from None
-    # fp16 on CUDA, bf16 on a CPU with native bf16 (as train.py's resolve_dtype); the heads train in fp32
-    low = device.type == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    autocast = torch.autocast(device.type, torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=low)
+    dtype = resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with native bf16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # the probe heads: fp32
     try:  # every input is opened, or refused with a message, before any compute
         ckpt = pretrained_checkpoint(args.hf) if args.hf else load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer

@@ -191,7 +191,10 @@ class FLAVALoss(nn.Module):
     Holds the model (trained) and the frozen dVAE (whose codes are the image targets). Images
     arrive as uint8 (B, 3, S, S), text as ids and an attention mask (B, L); `seed` makes every
     random choice of the step (masks, kept patches, ITM swaps) a pure function of it, so a
-    resumed run draws exactly what an uninterrupted one would have."""
+    resumed run draws exactly what an uninterrupted one would have.
+
+    forward = draw (every random choice, eager) then step (the computation: `images`, `texts` or `pairs`,
+    compiled by --compile; compile_step says why the two are apart)."""
 
     def __init__(self, model, dvae, cfg: LossConfig, mask_id: int, special_ids):
         super().__init__()
@@ -207,7 +210,7 @@ class FLAVALoss(nn.Module):
         """The named losses and their weighted `total` for one batch of one source (draws: given by accumulate)."""
         return self.step(source, batch, self.draw(source, batch, seed, first_row) if draws is None else draws)
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # stays eager even when the step around it is compiled: see compile_step
     def draw(self, source: str, batch: dict, seed: int, first_row: int | None = None) -> dict:
         """Every random choice of the step as tensors (kept patches, ITM swaps, image and text masks), and
         the loss divisors. A row's choices depend on the seed (the same on every rank) and on its place in
@@ -279,14 +282,14 @@ class FLAVALoss(nn.Module):
     def images(self, images_u8, patch_masked, divisor):
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the dVAE's input too
         codes = self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
-        out = self.model.encode_image(images, patch_masked=patch_masked)[1]  # (B, N, D), patch_masked (B, P)
+        out = self.model.encode_image(images, patch_masked=patch_masked).out  # (B, N, D), patch_masked (B, P)
         labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
         return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked, divisor)}
 
     # -- text-only batch: MLM (FLAVA §3.3, BERT) ----------------------------------------------
 
     def texts(self, masked_ids, attn, labels, divisor):
-        out = self.model.encode_text(masked_ids, attn)[1]  # (B, L, D) from the BERT-masked ids (B, L)
+        out = self.model.encode_text(masked_ids, attn).out  # (B, L, D) from the BERT-masked ids (B, L)
         return {"mlm": masked_prediction(self.model.mlm_head, out, labels, self.k_text, divisor)}
 
     # -- paired batch: GC + ITM + MMM (FLAVA §3.2) --------------------------------------------
@@ -327,12 +330,9 @@ class FLAVALoss(nn.Module):
                 "patch_masked": patch_masked, "masked_ids": masked_ids, "text_labels": text_labels}
 
     def contrastive_pass(self, images, ids, attn, keep_idx):
-        """Both towers on the unmasked inputs (FLIP: the kept patches only) -> the pre-LN states of the image
-        (B, 1 + K, D) and the text (B, L, D), and the L2-normalised image and text embeddings (B, E) each."""
-        m = self.model
-        image_hidden, image_out = m.encode_image(images, keep_idx=keep_idx)  # 2 x (B, 1 + K, D)
-        text_hidden, text_out = m.encode_text(ids, attn)  # 2 x (B, L, D)
-        return image_hidden, text_hidden, m.image_embed(image_out), m.text_embed(text_out)
+        """model.forward_contrastive, called through this module: under FSDP its root (this module) gathers the
+        projections' weights only for its own methods (train.shard registers this one for accumulate)."""
+        return self.model.forward_contrastive(images, ids, attn, keep_idx)
 
     def pairs(self, images_u8, ids, attn, draws):
         m, c, div = self.model, self.cfg, draws["divisors"]
@@ -340,7 +340,8 @@ class FLAVALoss(nn.Module):
         images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1]
 
         # 1. Contrastive pass on unmasked inputs (FLAVA), with FLIP dropping patches of the image.
-        image_hidden, text_hidden, image_emb, text_emb = self.contrastive_pass(images, ids, attn, draws["keep_idx"])
+        whole = self.contrastive_pass(images, ids, attn, draws["keep_idx"])
+        image_emb, text_emb = whole.image_emb, whole.text_emb  # (B, E) each
         if "emb_grads" in draws:  # a micro-batch of `accumulate`: GC is known, and so is its gradient w.r.t. the
             # embeddings and logit_scale; <x, dGC/dx> back-propagates exactly GC's gradient to the weights
             gc = sum((x * g).sum() for x, g in zip((image_emb, text_emb, m.logit_scale), draws["emb_grads"]))
@@ -354,25 +355,21 @@ class FLAVALoss(nn.Module):
         # and ITM on its [CLS_M], as ALBEF's MLM and ITM read whole images), the masked image meets the
         # contrastive pass's states of its own whole caption (MMM-image). One more fusion pass than FLAVA's.
         rows, swap, patch_masked = draws["rows"], draws["swap"], draws["patch_masked"]  # (n,), (n,), (n, P)
-        itm_attn = draws["itm_attn"]  # (n, L)
         codes = self.dvae.codebook_indices(images[rows])  # (n, P) the targets of the masked patches
-        masked_image = m.encode_image(images[rows], patch_masked=patch_masked)[0]  # (n, N, D) pre-LN
-        masked_text = m.encode_text(draws["masked_ids"], itm_attn)[0]  # (n, L, D) pre-LN
-        if c.masked_pass == "joint":
-            mm_text = mm_image = m.encode_multimodal(masked_image, masked_text, itm_attn)  # (n, M, D)
-        else:
-            mm_text = m.encode_multimodal(image_hidden[rows], masked_text, itm_attn)  # (n, M', D) whole image
-            mm_image = m.encode_multimodal(masked_image, text_hidden[rows], attn[rows])  # (n, M, D) whole caption
-        itm = itm_loss(m.itm_head(mm_text[:, 0]), (~swap).long(), div["itm"])
+        unmasked = None  # "joint": FLAVA's one fusion of both masked inputs
+        if c.masked_pass == "split":  # the same pairs unmasked: the contrastive pass's states
+            unmasked = (whole.image.hidden[rows], whole.text.hidden[rows], attn[rows])  # (n, N, D), (n, L, D), (n, L)
+        mm = m.forward_masked(images[rows], patch_masked, draws["masked_ids"], draws["itm_attn"], unmasked)  # Fused
+        itm = itm_loss(m.itm_head(mm.text[:, 0]), (~swap).long(), div["itm"])
 
         # The filter of what MMM learns from is applied to the *labels* of every aligned tensor at once (a
         # filtered row's targets become -100), so no tensor can be left unfiltered (Hugging Face's bug #27855)
         # and no shape changes.
         image_labels = torch.where(patch_masked & draws["image_rows"][:, None], codes, IGNORE_INDEX)  # (n, P)
         text_labels = torch.where(~swap[:, None], draws["text_labels"], IGNORE_INDEX)  # (n, L)
-        mmm_image = masked_prediction(m.mmm_image_head, mm_image[:, 2 : 2 + P], image_labels, self.n_masked,
-                                      div["mmm_image"])
-        mmm_text = masked_prediction(m.mmm_text_head, mm_text[:, -L:], text_labels, self.k_mmm, div["mmm_text"])
+        mmm_image = masked_prediction(m.mmm_image_head, mm.image[:, 2 : 2 + P], image_labels, self.n_masked,
+                                      div["mmm_image"])  # patches: after [CLS_M] and [CLS_I]
+        mmm_text = masked_prediction(m.mmm_text_head, mm.text[:, -L:], text_labels, self.k_mmm, div["mmm_text"])
         return {"gc": gc, "itm": itm, "mmm_image": mmm_image, "mmm_text": mmm_text}
 
 
@@ -435,7 +432,7 @@ def accumulate(step_fn, source, batch, seed, micro_batch, backward, autocast=con
     if source == "pairs":  # (1) and (2)
         with torch.no_grad(), autocast:
             embs = [loss_fn.contrastive_pass(b["image"].float() / 255, b["ids"], b["attn"], d["keep_idx"])[2:]
-                    for b, d in parts]
+                    for b, d in parts]  # (image_emb, text_emb) of each micro-batch
         image_emb, text_emb = (torch.cat(e).requires_grad_() for e in zip(*embs))  # (B, E) each
         scale = loss_fn.model.logit_scale.detach().requires_grad_()
         gc = contrastive_loss(image_emb, text_emb, scale, loss_fn.cfg.backprop)

@@ -27,6 +27,7 @@ import re
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -181,9 +182,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))  # (B, T, D)
 
 
+class Encoded(NamedTuple):
+    """What an encoder returns: two views of its last states, each (B, T, D)."""
+    hidden: torch.Tensor  # before the final LayerNorm: what the multimodal encoder fuses (FLAVA §3.1)
+    out: torch.Tensor  # after it: what the heads and the contrastive projections read
+
+
 class Transformer(nn.Module):
-    """A stack of blocks plus the final LayerNorm. Returns both the last hidden states *before*
-    the final LN (what the multimodal encoder consumes, FLAVA §3.1) and the normalised output."""
+    """A stack of blocks plus the final LayerNorm -> Encoded(hidden, out)."""
 
     def __init__(self, cfg: ModelConfig, depth: int):
         super().__init__()
@@ -197,7 +203,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask)
-        return x, self.ln_f(x)  # (B, T, D) pre-LN, (B, T, D) post-LN
+        return Encoded(x, self.ln_f(x))  # (B, T, D) pre-LN, (B, T, D) post-LN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images, patch_masked=None, keep_idx=None):
         """images (B, 3, S, S) in [0, 1]; patch_masked (B, P) bool: BEiT replacement by the mask
-        token; keep_idx (B, K) long: FLIP keeps only these patches. Returns pre-LN and post-LN states."""
+        token; keep_idx (B, K) long: FLIP keeps only these patches. -> Encoded, (B, N, D) each."""
         images = (images - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
         B, P, D = x.shape
@@ -272,7 +278,7 @@ class ImageEncoder(nn.Module):
             # so each kept token carries its own place and the encoder pays only for K tokens.
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, D))  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
-        return self.transformer(torch.cat([cls, x], dim=1))  # 2 x (B, N, D)
+        return self.transformer(torch.cat([cls, x], dim=1))  # Encoded: 2 x (B, N, D)
 
 
 class TextEncoder(nn.Module):
@@ -289,7 +295,7 @@ class TextEncoder(nn.Module):
     def forward(self, ids, attn_mask):
         """ids (B, L) long, attn_mask (B, L) bool (True on real tokens)."""
         x = self.ln_embed(self.word_embed(ids) + self.pos_embed[:, : ids.size(1)])  # (B, L, D)
-        return self.transformer(x, attn_mask)  # 2 x (B, L, D)
+        return self.transformer(x, attn_mask)  # Encoded: 2 x (B, L, D)
 
 
 class MultimodalEncoder(nn.Module):
@@ -311,7 +317,7 @@ class MultimodalEncoder(nn.Module):
         x = torch.cat([cls, self.image_to_mm(image_hidden), self.text_to_mm(text_hidden)], dim=1)  # (B, M, D)
         # Text padding stays masked in the fusion too (TorchMultimodal forgets it, issue #530).
         real = torch.ones(B, 1 + N, dtype=torch.bool, device=x.device)  # (B, 1 + N)
-        return self.transformer(x, torch.cat([real, text_attn_mask], dim=1))[1]  # (B, M, D) post-LN
+        return self.transformer(x, torch.cat([real, text_attn_mask], dim=1)).out  # (B, M, D) post-LN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +357,20 @@ class ITMHead(nn.Module):
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's temperature 0.07
 LOGIT_SCALE_MAX = math.log(100.0)  # clamp to [0, ln 100]: the scale stays in [1, 100]
+
+
+class Contrastive(NamedTuple):
+    """FLAVA.forward_contrastive: both towers on the unmasked inputs."""
+    image: Encoded  # (B, N, D) each; N = 1 + K when FLIP keeps K patches
+    text: Encoded  # (B, L, D) each
+    image_emb: torch.Tensor  # (B, E) L2-normalised, fp32
+    text_emb: torch.Tensor  # (B, E)
+
+
+class Fused(NamedTuple):
+    """FLAVA.forward_masked: the multimodal encoder's states that each masked objective reads."""
+    image: torch.Tensor  # (n, M, D): MMM-image reads the masked patches from it
+    text: torch.Tensor  # (n, M, D): MMM-text reads the masked words, ITM its [CLS_M] (split: N may be 1 + K)
 
 
 class FLAVA(nn.Module):
@@ -398,10 +418,10 @@ class FLAVA(nn.Module):
                     nn.init.normal_(getattr(m, name), std=std)
 
     # The three encoders, exposed for the losses and for evaluation.
-    def encode_image(self, images, patch_masked=None, keep_idx=None):
+    def encode_image(self, images, patch_masked=None, keep_idx=None) -> Encoded:
         return self.image_encoder(images, patch_masked, keep_idx)  # 2 x (B, N, D)
 
-    def encode_text(self, ids, attn_mask):
+    def encode_text(self, ids, attn_mask) -> Encoded:
         return self.text_encoder(ids, attn_mask)  # 2 x (B, L, D)
 
     def encode_multimodal(self, image_hidden, text_hidden, text_attn_mask):
@@ -416,12 +436,35 @@ class FLAVA(nn.Module):
     def text_embed(self, text_out):
         return F.normalize(self.text_projection(text_out[:, 0]).float(), dim=-1)  # (B, E)
 
+    # The two passes of a paired batch (FLAVA §3.2); losses.FLAVALoss turns them into named losses.
+    def forward_contrastive(self, images, ids, attn_mask, keep_idx=None) -> Contrastive:
+        """The contrastive pass: images (B, 3, S, S) in [0, 1] and their captions, unmasked; FLIP's keep_idx
+        (B, K) keeps only those patches. Its unimodal states also serve the split masked pass."""
+        image = self.encode_image(images, keep_idx=keep_idx)  # 2 x (B, N, D)
+        text = self.encode_text(ids, attn_mask)  # 2 x (B, L, D)
+        return Contrastive(image, text, self.image_embed(image.out), self.text_embed(text.out))
+
+    def forward_masked(self, images, patch_masked, masked_ids, attn_mask, whole=None) -> Fused:
+        """The masked multimodal pass of n pairs: images (n, 3, S, S) with BEiT's patch_masked (n, P), captions
+        BERT-masked (masked_ids, attn_mask: (n, L)). FLAVA fuses the two masked inputs in one pass (whole=None).
+        With whole = (image states, caption states, caption attn_mask) of the same pairs unmasked (pre-LN, from
+        the contrastive pass), each masked modality meets the other one whole instead, in two passes: the
+        masked caption with the whole image (MMM-text and ITM), the masked image with the whole caption."""
+        masked_image = self.encode_image(images, patch_masked=patch_masked).hidden  # (n, N, D) pre-LN
+        masked_text = self.encode_text(masked_ids, attn_mask).hidden  # (n, L, D) pre-LN
+        if whole is None:
+            mm = self.encode_multimodal(masked_image, masked_text, attn_mask)  # (n, M, D)
+            return Fused(image=mm, text=mm)
+        whole_image, whole_text, whole_attn = whole
+        mm_text = self.encode_multimodal(whole_image, masked_text, attn_mask)  # (n, M, D), M = 1 + (1 + K) + L
+        return Fused(image=self.encode_multimodal(masked_image, whole_text, whole_attn), text=mm_text)
+
     def image_embeddings(self, images):
         """Unmasked, L2-normalised image embeddings for evaluation (FLIP: infer on the full image)."""
-        return self.image_embed(self.encode_image(images)[1])  # (B, E)
+        return self.image_embed(self.encode_image(images).out)  # (B, E)
 
     def text_embeddings(self, ids, attn_mask):
-        return self.text_embed(self.encode_text(ids, attn_mask)[1])  # (B, E)
+        return self.text_embed(self.encode_text(ids, attn_mask).out)  # (B, E)
 
     def scale(self):
         """exp(logit_scale), clamped so the multiplier stays in [1, 100]."""

@@ -236,7 +236,7 @@ def resolve_dtype(name: str, device) -> torch.dtype:
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW; weight decay only on weight matrices: never on norms, biases, embeddings, the
     cls/pos/mask tokens or logit_scale (decay would pull the temperature towards 1)."""
-    no_decay_names = ("cls_token", "pos_embed", "mask_token", "word_embed", "logit_scale", "codebook")
+    no_decay_names = ("cls_token", "pos_embed", "mask_token", "word_embed", "logit_scale")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -572,7 +572,7 @@ def to_device(batch, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
+def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log):
     """Stage 1: the image tokenizer's codebook by mini-batch k-means over the patches of image batches
     (model.DVAE explains why). No gradients, fp32 throughout; the EMA of the codes follows the data
     closely early (decay 0.5) and averages over more batches later (0.99), and dead codes are re-seeded
@@ -584,7 +584,7 @@ def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
     bar = tqdm(range(cfg.dvae_steps), desc="stage 1: image tokenizer", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         _, batch = next(batches)
-        note_skipped(batch, "dvae", step)
+        log.note_skipped(batch, "dvae", step)
         images = to_device(batch, device)["image"].float() / 255  # (B, 3, S, S) in [0, 1]
         t = step / max(1, cfg.dvae_steps - 1)
         stats = dvae.learn(images, decay=0.5 + 0.49 * t, reseed=t < 0.8, generator=gen)
@@ -596,25 +596,63 @@ def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages 2-4: FLAVA
+# Setup: flags, processes, data, the image tokenizer, FLAVA and its optimizer
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+@dataclass
+class Run:
+    """What setup builds and the training loop reads, and where the run stands."""
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    loss_cfg: LossConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the autocast precision of stages 2-4 (fp32: autocast off)
+    print0: object  # print on rank 0, nothing elsewhere
+    log: "Log"
+    sources: dict  # "pairs" / "images" / "texts" -> its dataset
+    mixture: data.Mixture  # the sources behind one index: what the loaders read
+    world: object  # the synthetic shapes world (None when the data are files): the zero-shot checks use it
+    tokenizer: data.Tokenizer
+    resume: dict | None  # the checkpoint this run continues, if any
+    init: dict | None  # --init_from's model, vocabulary and image tokenizer, if any
+    t_start: float = 0.0
+    step: int = 0  # optimizer steps done, over stages 2-4
+    last_saved: int | None = None  # the step of the last checkpoint written (or resumed from)
+    counters: dict = None  # skipped_samples, overflow_steps: over the whole run, resumes included
+    dvae: DVAE = None
+    model: FLAVA = None
+    objective: FLAVALoss = None  # model + dVAE -> named losses
+    step_fn: object = None  # the objective as the step calls it: bare, under DDP or FSDP, maybe compiled
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+
+    def path(self, name):  # ckpt.pt, dvae.pt, log.jsonl, eval.json
+        return os.path.join(self.cfg.out_dir, name)
+
+    @property
+    def autocast(self):  # AMP written once: every forward of stages 2-4 and of the evaluations runs under it
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def setup(argv) -> Run:
+    """Flags -> processes -> inputs (data, vocabulary, a resumed or initial checkpoint) -> config.json and the log.
+    Bad input (a missing or empty manifest, shard folder, vocabulary, init or checkpoint) stops here: one line,
+    exit status 2. The flags define the model, resumed or not; a resumed run takes its vocabulary from the
+    checkpoint. Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished)."""
     cfg, model_overrides, loss_cfg = parse_args(argv)  # a bad flag or combination stops here, before any work
     rank, _, world_size, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dtype = resolve_dtype(cfg.dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, dvae_path, log_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "dvae.pt", "log.jsonl"))
     print0 = print if rank == 0 else (lambda *a, **k: None)
-
-    # The flags define the model, resumed or not; a resumed run takes its vocabulary from the checkpoint.
-    # Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished).
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
-    try:  # bad input (a missing or empty manifest, shard folder, vocabulary, init or checkpoint): one line, exit 2
-        init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)  # the model, if given
+    try:  # every input file is opened (or refused) here, before any compute
+        init, mcfg = load_init(cfg, model_overrides) if cfg.init_from else (None, mcfg)
+        # what a checkpoint stores, to compare with a resumed one (vocab_size: the tokenizer's, unless a flag set it)
         current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
             k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
         resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
@@ -623,218 +661,302 @@ def main(argv=None):
         sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if resume is None and init is None and "vocab_size" not in model_overrides:
+    if resume is None and init is None and "vocab_size" not in model_overrides:  # a fresh run: as its tokenizer
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
         raise ValueError(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    mixture = data.Mixture(sources)
     config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
               "device": str(device), "dtype": str(dtype).replace("torch.", ""), "grad_scaler": dtype == torch.float16}
-    print0(json.dumps(config, indent=1))
-    if rank == 0 and cfg.resume:
+    print0(json.dumps(config, indent=1))  # the resolved config, once; config.json holds the same
+    if rank == 0 and cfg.resume:  # the steps after the checkpoint are redone: their log rows go
         trim_log(log_path, resume["step"] if resume else 0, keep_dvae=resume is not None or os.path.exists(dvae_path))
-    log_file = open(log_path, "a") if rank == 0 else None
-
-    def log(row):
-        if log_file:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-
-    # Unreadable data is skipped and counted; the first NAMED_SKIPS rows and files are named, with the reason.
-    for name, source in sources.items():
+    log = Log(log_path, rank)
+    for name, source in sources.items():  # manifest rows that could not be read: counted, the first ones named
         if getattr(source, "num_skipped", 0):
             first = source.skipped[:NAMED_SKIPS]  # (line, reason)
             print0(f"{name}: skipped {source.num_skipped} manifest rows, first: {first}")
             log({"event": "skipped_rows", "source": name, "count": source.num_skipped, "first": first})
-    named, new_skips = set(), 0
-
-    def note_skipped(batch, stage, step):
-        nonlocal new_skips
-        for path, reason in batch.pop("skipped", []):
-            new_skips += 1
-            if len(named) < NAMED_SKIPS and path not in named:
-                named.add(path)
-                print(f"rank {rank}, {stage} step {step}: skipped {path}: {reason}")
-                log({"event": "skipped_file", "stage": stage, "step": step, "path": path, "reason": reason})
-
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-    t_start = time.time()
+    run = Run(cfg, mcfg, loss_cfg, rank, world_size, device, dtype, print0, log, sources, data.Mixture(sources), world,
+              tokenizer, resume, init, t_start=time.time(), counters={"skipped_samples": 0, "overflow_steps": 0})
+    run.dvae = image_tokenizer(run, dvae_state)  # stage 1 (or its result, loaded)
+    build_model(run)  # after stage 1, which draws from the global generator: FLAVA's init is reseeded
+    return run
 
-    # ---- stage 1: the dVAE ------------------------------------------------------------------
-    if resume is not None or init is not None:  # the checkpoint's own tokenizer: the dVAE or DALL-E's encoder
+
+def image_tokenizer(run, dvae_state):
+    """Stage 1, or what replaces it: a checkpoint's own tokenizer (the dVAE or DALL-E's encoder), a dvae.pt, or
+    the dVAE trained now. Frozen from here on: its codes are fixed targets."""
+    cfg, mcfg, device = run.cfg, run.mcfg, run.device
+    if run.resume is not None or run.init is not None:
         dvae = image_tokenizer_for(mcfg).to(device)
-        load_state(dvae, (resume or init)["dvae"],
-                   f"{ckpt_path} dVAE" if resume else f"{cfg.init_from} image tokenizer")
+        load_state(dvae, (run.resume or run.init)["dvae"],
+                   f"{run.path('ckpt.pt')} dVAE" if run.resume else f"{cfg.init_from} image tokenizer")
     elif dvae_state is not None:
         dvae = DVAE(mcfg).to(device)
-        load_state(dvae, dvae_state, cfg.dvae_ckpt or dvae_path)
-        print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or dvae_path}")
+        load_state(dvae, dvae_state, cfg.dvae_ckpt or run.path("dvae.pt"))
+        run.print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or run.path('dvae.pt')}")
     else:
-        dvae = train_dvae(cfg, mcfg, mixture, rank, world_size, device, log, note_skipped)
-        if rank == 0:
-            save_atomic(dvae.state_dict(), dvae_path)
-    dvae.requires_grad_(False).eval()
+        dvae = train_dvae(cfg, mcfg, run.mixture, run.rank, run.world_size, device, run.log)
+        if run.rank == 0:
+            save_atomic(dvae.state_dict(), run.path("dvae.pt"))
+    return dvae.requires_grad_(False).eval()
 
-    # ---- the model, its optimizer and the step -----------------------------------------------
+
+def build_model(run):
+    """FLAVA (fresh, from --init_from or resumed), its loss, how the step runs it (DDP, FSDP, compiled), AdamW and
+    the GradScaler (on for fp16 only)."""
+    cfg, resume = run.cfg, run.resume
     torch.manual_seed(cfg.seed)  # FLAVA's initial weights, whatever stage 1 drew from the generator
-    model = FLAVA(mcfg).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    log({"event": "precision", "dtype": config["dtype"], "grad_scaler": scaler.is_enabled(),
-         "image_tokenizer": "fp32, no gradients"})
-    step, last_saved = 0, None
-    counters = {"skipped_samples": 0, "overflow_steps": 0}  # over the whole run, resumes included
-    if init is not None and resume is None:
-        load_state(model, init["model"], f"{cfg.init_from} model")
-        print0(f"initialised from {cfg.init_from}")
+    model = run.model = FLAVA(run.mcfg).to(run.device)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    run.log({"event": "precision", "dtype": str(run.dtype).replace("torch.", ""),
+             "grad_scaler": run.scaler.is_enabled(), "image_tokenizer": "fp32, no gradients"})
+    if run.init is not None and resume is None:
+        load_state(model, run.init["model"], f"{cfg.init_from} model")
+        run.print0(f"initialised from {cfg.init_from}")
     if resume is not None:
-        load_state(model, resume["model"], f"{ckpt_path} model")
-        scaler.load_state_dict(resume["scaler"])
-        step = last_saved = resume["step"]
-        counters.update(resume.get("counters", {}))
-        set_rng_state(resume["rng"], device)
-        print0(f"resumed from {ckpt_path} at step {step}")
-    objective = FLAVALoss(model, dvae, loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
+        load_state(model, resume["model"], f"{run.path('ckpt.pt')} model")
+        run.scaler.load_state_dict(resume["scaler"])
+        run.step = run.last_saved = resume["step"]
+        run.counters.update(resume.get("counters", {}))
+        set_rng_state(resume["rng"], run.device)
+        run.print0(f"resumed from {run.path('ckpt.pt')} at step {run.step}")
+    tokenizer = run.tokenizer
+    run.objective = FLAVALoss(model, run.dvae, run.loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
     # touches the text encoder): DDP must look for them instead of waiting for their gradients.
     if cfg.fsdp:
-        step_fn = shard(objective, dtype)
+        run.step_fn = shard(run.objective, run.dtype)
     else:
-        step_fn = DDP(objective, find_unused_parameters=True) if world_size > 1 else objective
-    optimizer = make_optimizer(model, cfg)  # after sharding: FSDP replaces the parameters by their shards
+        run.step_fn = DDP(run.objective, find_unused_parameters=True) if run.world_size > 1 else run.objective
+    run.optimizer = make_optimizer(model, cfg)  # after sharding: FSDP replaces the parameters by their shards
     if resume is not None:
-        load_optimizer(optimizer, resume["optimizer"])
+        load_optimizer(run.optimizer, resume["optimizer"])
     if cfg.compile:
-        step_fn = compile_step(step_fn)
-    print0(f"FLAVA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-           f"{world_size} process(es) on {device}, {config['dtype']}")
+        run.step_fn = compile_step(run.step_fn)
+    run.print0(f"FLAVA: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+               f"{run.world_size} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
 
-    def save_checkpoint(at_step):
-        nonlocal last_saved
-        streams = {"stage": name, "sources": stream_states(batches, world_size)}  # where tar shards were read to
-        model_state, optimizer_state = whole_states(model, optimizer)
-        if rank == 0:
-            save_atomic({"format": "nanoflava-1", "model": model_state, "dvae": dvae.state_dict(),
-                         "optimizer": optimizer_state, "scaler": scaler.state_dict(), "step": at_step,
-                         "model_cfg": asdict(mcfg), "loss_cfg": asdict(loss_cfg), "train_cfg": asdict(cfg),
-                         "vocab": tokenizer.vocab, "rng": rng_state(device), "counters": dict(counters),
-                         "streams": streams}, ckpt_path)
-            prune_checkpoints(ckpt_path, at_step, cfg.keep_ckpts)
-        last_saved = at_step
 
-    # ---- stages 2-4 ------------------------------------------------------------------------------
-    plan, name, batches = stages(cfg), None, None
-    total = sum(n for _, _, n in plan)
-    flops = {(name, src): flops_per_sample(mcfg, src, 1.0 if name == "unmasked" else loss_cfg.keep_ratio,
-                                           loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction,
-                                           loss_cfg.masked_pass, loss_cfg.mmm_text_prob)
-             for name, _, _ in plan for src in data.SOURCES}
-    bar = tqdm(total=total, initial=step, desc="FLAVA", disable=rank != 0, dynamic_ncols=True)
-    interval, t_log, steps_in_log, samples_in_log, flops_in_log = {}, time.time(), 0, 0, 0.0
+# ---------------------------------------------------------------------------------------------
+# The step: forward and backward of one batch (FLAVA §3.2-3.3), then AdamW
+# ---------------------------------------------------------------------------------------------
+
+
+def optimizer_step(run, source, batch, seed, lr):
+    """One update on one batch of one source -> (named losses, gradient norm before clipping), on the device.
+    In micro-batches of --micro_batch rows where it is set (losses.accumulate); fp16 scales the loss."""
+    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
     def backward(loss):
         scaler.scale(loss).backward()
 
-    for name, first, n in plan:
-        if step >= first + n:
-            continue
-        objective.cfg = loss_cfg if name != "unmasked" else LossConfig(**{**asdict(loss_cfg), "keep_ratio": 1.0})
-        probs = stage_probs(cfg, name, sources)
-        saved = resume.get("streams", {}) if resume else {}  # a stage resumed mid-way continues its streams
-        batches = loader_for(cfg, mixture, probs, rank, world_size, step - first, device,
-                             saved.get("sources") if saved.get("stage") == name else None)
-        print0(f"stage {['unimodal', 'joint', 'unmasked'].index(name) + 2}: {name}, steps {first}-{first + n - 1}, "
-               f"sources {probs}")
-        while step < first + n:
-            source, batch = next(batches)
-            note_skipped(batch, name, step + 1)
-            batch = to_device(batch, device)
-            lr = lr_at(cfg, name, step - first, n)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:  # in micro-batches of --micro_batch rows where it is set (losses.accumulate)
-                losses = accumulate(step_fn, source, batch, step_seed(cfg.seed, step), cfg.micro_batch, backward,
-                                    autocast)
-            except torch.OutOfMemoryError:
-                raise SystemExit(out_of_memory(cfg, world_size)) from None
-            if cfg.fsdp and model.logit_scale.grad is not None:  # not sharded (see shard): averaged as DDP would
-                dist.all_reduce(model.logit_scale.grad)
-                model.logit_scale.grad /= world_size
-            scaler.unscale_(optimizer)
-            grad_norm = _whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            model.clamp_logit_scale_()
-            step += 1
-            bar.update(1)
-            # Values stay on the device; only a log step reads them back (one sync per interval). Every
-            # checkpoint step is a log step, so that no checkpoint is written before its losses are checked.
-            for k, v in {**losses, "grad_norm": grad_norm}.items():
-                at, values = interval.setdefault(k, ([], []))
-                at.append(step)
-                values.append(v.detach().float())
-            steps_in_log += 1
-            samples_in_log += cfg.batch_size
-            flops_in_log += cfg.batch_size * flops[name, source]
-            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == total:
-                means, bad = {}, {}
-                for k, (at, values) in interval.items():
-                    values = torch.stack(values).tolist()  # one read per term and interval
-                    good = [v for v in values if math.isfinite(v)]
-                    means[k] = sum(good) / len(good) if good else math.nan
-                    if len(good) < len(values):  # the first non-finite step, and how many
-                        bad[k] = next(t for t, v in zip(at, values) if not math.isfinite(v)), len(values) - len(good)
-                # fp16: the scaler skipped exactly the steps whose unscaled gradient overflowed; they are counted.
-                # Otherwise a non-finite value stops every rank before the model can be saved.
-                totals = torch.tensor([new_skips, bool(bad) and dtype != torch.float16], device=device)
-                if world_size > 1:
-                    dist.all_reduce(totals)  # summed over ranks: skipped samples, ranks that must stop
-                if totals[1]:
-                    where = ", ".join(f"{k} at step {t}" for k, (t, _) in bad.items()) or "a value on another rank"
-                    kept = f"{ckpt_path}, step {last_saved}" if last_saved is not None else "none"
-                    raise FloatingPointError(f"non-finite {where}; stopped. The last good checkpoint is {kept}")
-                counters["skipped_samples"] += int(totals[0])
-                counters["overflow_steps"] += bad.get("grad_norm", (0, 0))[1]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.time() - t_log
-                row = {"stage": name, "step": step, **{k: round(v, 5) for k, v in means.items()}, "lr": lr,
-                       "logit_scale": model.scale().item(), "ms_per_step": 1000 * dt / steps_in_log,
-                       "samples_per_s": samples_in_log / dt, **counters, "tflops": flops_in_log / dt / 1e12,
-                       **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
-                log(row)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "gc", "itm", "mim", "mlm")})
-                interval, new_skips, steps_in_log, samples_in_log, flops_in_log, t_log = {}, 0, 0, 0, 0.0, time.time()
-            if cfg.eval_every and step % cfg.eval_every == 0 and world is not None:
-                judged = unsharded(model, mcfg, device, cfg.fsdp, rank)
-                if rank == 0:
-                    judged.eval()
-                    log({"step": step, "zeroshot_top1": evaluation.quick_eval(
-                        judged, tokenizer, world, device, autocast, n_pairs=0, per_class=10)["zeroshot_top1"],
-                         "elapsed_s": round(time.time() - t_start, 1)})
-                    judged.train()
-                t_log = time.time()  # the clock pauses during evaluation
-            if step % cfg.ckpt_every == 0 and step < total:
-                save_checkpoint(step)
-    bar.close()
-    save_checkpoint(step)
-    train_time = time.time() - t_start
-    print0(f"training done in {train_time:.0f} s; {counters}")
+    try:
+        losses = accumulate(run.step_fn, source, batch, seed, run.cfg.micro_batch, backward, run.autocast)
+    except torch.OutOfMemoryError:
+        raise SystemExit(out_of_memory(run.cfg, run.world_size)) from None
+    if run.cfg.fsdp and model.logit_scale.grad is not None:  # not sharded (see shard): averaged as DDP would
+        dist.all_reduce(model.logit_scale.grad)
+        model.logit_scale.grad /= run.world_size
+    scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+    grad_norm = _whole(torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip))
+    scaler.step(optimizer)  # fp16: skipped when the gradient overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    model.clamp_logit_scale_()
+    return losses, grad_norm
 
-    # ---- end of run: evaluate on held-out data ------------------------------------------------
-    judged = unsharded(model, mcfg, device, cfg.fsdp, rank) if cfg.eval else None
-    if cfg.eval and rank == 0:
+
+# ---------------------------------------------------------------------------------------------
+# Logging: log.jsonl, skipped files, and each log line's check for non-finite values
+# ---------------------------------------------------------------------------------------------
+
+
+class Log:
+    """out_dir/log.jsonl (written by rank 0: one JSON object a line), and the files the batches skipped."""
+
+    def __init__(self, path, rank):
+        self.rank, self.file = rank, open(path, "a") if rank == 0 else None
+        self.named, self.new_skips = set(), 0  # files named so far; files skipped since the last log line
+
+    def __call__(self, row: dict):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def note_skipped(self, batch, stage, step):
+        """Skip accounting: unreadable files are left out of a batch (data.collate lists them under "skipped").
+        Each is counted; the first NAMED_SKIPS are named with the reason, on the console and in the log."""
+        for path, reason in batch.pop("skipped", []):
+            self.new_skips += 1
+            if len(self.named) < NAMED_SKIPS and path not in self.named:
+                self.named.add(path)
+                print(f"rank {self.rank}, {stage} step {step}: skipped {path}: {reason}")
+                self({"event": "skipped_file", "stage": stage, "step": step, "path": path, "reason": reason})
+
+
+class Meter:
+    """The values of the steps since the last log line. They stay on the device until a log step reads them
+    back, the only host-device synchronisation (every checkpoint step is a log step, so that no checkpoint is
+    written before its losses are checked)."""
+
+    def __init__(self):
+        self.values, self.steps, self.samples, self.flops, self.t0 = {}, 0, 0, 0.0, time.time()
+
+    def add(self, step, values: dict, samples, flops):
+        for k, v in values.items():
+            at, vs = self.values.setdefault(k, ([], []))  # (steps, values)
+            at.append(step)
+            vs.append(v.detach().float())
+        self.steps, self.samples, self.flops = self.steps + 1, self.samples + samples, self.flops + flops
+
+    def means(self):
+        """-> ({term: mean of its finite values}, {term: (first step with a non-finite value, how many)})."""
+        means, nonfinite = {}, {}
+        for k, (at, values) in self.values.items():
+            values = torch.stack(values).tolist()  # one read per term and interval
+            good = [v for v in values if math.isfinite(v)]
+            means[k] = sum(good) / len(good) if good else math.nan
+            if len(good) < len(values):
+                nonfinite[k] = next(t for t, v in zip(at, values) if not math.isfinite(v)), len(values) - len(good)
+        return means, nonfinite
+
+
+def check_finite(run, nonfinite):
+    """Non-finite accounting, over every rank in one all_reduce (with the skipped samples). fp16: the scaler
+    skipped exactly the steps whose unscaled gradient overflowed; they are counted. Otherwise a non-finite value
+    stops every rank before the model can be saved, naming the last good checkpoint."""
+    totals = torch.tensor([run.log.new_skips, bool(nonfinite) and run.dtype != torch.float16], device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(totals)  # summed over ranks: skipped samples, ranks that must stop
+    if totals[1]:
+        where = ", ".join(f"{k} at step {t}" for k, (t, _) in nonfinite.items()) or "a value on another rank"
+        kept = f"{run.path('ckpt.pt')}, step {run.last_saved}" if run.last_saved is not None else "none"
+        raise FloatingPointError(f"non-finite {where}; stopped. The last good checkpoint is {kept}")
+    run.counters["skipped_samples"] += int(totals[0])
+    run.counters["overflow_steps"] += nonfinite.get("grad_norm", (0, 0))[1]
+    run.log.new_skips = 0
+
+
+def log_line(run, meter, stage, lr):
+    """The log line of the steps since the last one -> their mean losses (after the non-finite check)."""
+    means, nonfinite = meter.means()
+    check_finite(run, nonfinite)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()  # the clock reads the time the GPU finished, not the time it was asked
+    dt = time.time() - meter.t0
+    run.log({"stage": stage, "step": run.step, **{k: round(v, 5) for k, v in means.items()}, "lr": lr,
+             "logit_scale": run.model.scale().item(), "ms_per_step": 1000 * dt / meter.steps,
+             "samples_per_s": meter.samples / dt, **run.counters, "tflops": meter.flops / dt / 1e12,
+             **({"loss_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {})})
+    return means
+
+
+def zero_shot_check(run):
+    """--eval_every: zero-shot accuracy on the synthetic world's held-out scenes, by rank 0."""
+    judged = unsharded(run.model, run.mcfg, run.device, run.cfg.fsdp, run.rank)  # under FSDP a collective
+    if run.rank == 0:
         judged.eval()
-        results = evaluation.quick_eval(judged, tokenizer, world, device, autocast, n_pairs=cfg.eval_pairs,
-                                        pairs_manifest=cfg.pairs)
-        results.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - t_start, 1))
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        top1 = evaluation.quick_eval(judged, run.tokenizer, run.world, run.device, run.autocast, n_pairs=0,
+                                     per_class=10)["zeroshot_top1"]
+        run.log({"step": run.step, "zeroshot_top1": top1, "elapsed_s": round(time.time() - run.t_start, 1)})
+        judged.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a resume needs, written atomically by rank 0
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run, stage, batches):
+    streams = {"stage": stage, "sources": stream_states(batches, run.world_size)}  # where tar shards were read to
+    model_state, optimizer_state = whole_states(run.model, run.optimizer)  # a collective under FSDP
+    if run.rank == 0:
+        save_atomic({"format": "nanoflava-1", "model": model_state, "dvae": run.dvae.state_dict(),
+                     "optimizer": optimizer_state, "scaler": run.scaler.state_dict(), "step": run.step,
+                     "model_cfg": asdict(run.mcfg), "loss_cfg": asdict(run.loss_cfg), "train_cfg": asdict(run.cfg),
+                     "vocab": run.tokenizer.vocab, "rng": rng_state(run.device), "counters": dict(run.counters),
+                     "streams": streams}, run.path("ckpt.pt"))
+        prune_checkpoints(run.path("ckpt.pt"), run.step, run.cfg.keep_ckpts)
+    run.last_saved = run.step
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 2-4: the training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def start_stage(run, stage, first, n):
+    """A stage's loss settings (FLIP's unmasked stage keeps every patch) and its batches, from where it stands."""
+    run.objective.cfg = run.loss_cfg if stage != "unmasked" else replace(run.loss_cfg, keep_ratio=1.0)
+    probs = stage_probs(run.cfg, stage, run.sources)
+    saved = run.resume.get("streams", {}) if run.resume else {}  # a stage resumed mid-way continues its streams
+    batches = loader_for(run.cfg, run.mixture, probs, run.rank, run.world_size, run.step - first,
+                         run.device, saved.get("sources") if saved.get("stage") == stage else None)
+    run.print0(f"stage {['unimodal', 'joint', 'unmasked'].index(stage) + 2}: {stage}, steps {first}-{first + n - 1}, "
+               f"sources {probs}")
+    return batches
+
+
+def train(run):
+    """Stages 2-4 on one optimizer step counter: each step draws one batch of one source, runs the step, and
+    every --log_every steps writes a log line; every --ckpt_every steps a checkpoint."""
+    cfg, loss_cfg, plan = run.cfg, run.loss_cfg, stages(run.cfg)
+    total = sum(n for _, _, n in plan)
+    flops = {(stage, src): flops_per_sample(run.mcfg, src, 1.0 if stage == "unmasked" else loss_cfg.keep_ratio,
+                                            loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction,
+                                            loss_cfg.masked_pass, loss_cfg.mmm_text_prob)
+             for stage, _, _ in plan for src in data.SOURCES}  # per sample, for the log's tflops
+    bar = tqdm(total=total, initial=run.step, desc="FLAVA", disable=run.rank != 0, dynamic_ncols=True)
+    meter, stage, batches = Meter(), None, None
+    for stage, first, n in plan:
+        if run.step >= first + n:  # a stage a resumed run has finished
+            continue
+        batches = start_stage(run, stage, first, n)
+        while run.step < first + n:
+            source, batch = next(batches)
+            run.log.note_skipped(batch, stage, run.step + 1)
+            batch = to_device(batch, run.device)
+            lr = lr_at(cfg, stage, run.step - first, n)
+            losses, grad_norm = optimizer_step(run, source, batch, step_seed(cfg.seed, run.step), lr)
+            run.step += 1
+            bar.update(1)
+            meter.add(run.step, {**losses, "grad_norm": grad_norm}, cfg.batch_size,
+                      cfg.batch_size * flops[stage, source])
+            if run.step % cfg.log_every == 0 or run.step % cfg.ckpt_every == 0 or run.step == total:
+                means = log_line(run, meter, stage, lr)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "gc", "itm", "mim", "mlm")})
+                meter = Meter()
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.world is not None:
+                zero_shot_check(run)
+                meter.t0 = time.time()  # the clock pauses during evaluation
+            if run.step % cfg.ckpt_every == 0 and run.step < total:
+                save_checkpoint(run, stage, batches)
+    bar.close()
+    save_checkpoint(run, stage, batches)
+
+
+def main(argv=None):
+    run = setup(argv)  # flags, processes, data, stage 1, FLAVA, its optimizer; a resumed run's state
+    train(run)  # stages 2-4
+    train_time = time.time() - run.t_start
+    run.print0(f"training done in {train_time:.0f} s; {run.counters}")
+    judged = unsharded(run.model, run.mcfg, run.device, run.cfg.fsdp, run.rank) if run.cfg.eval else None
+    if run.cfg.eval and run.rank == 0:  # end of run: evaluate on held-out data (eval.json)
+        judged.eval()
+        results = evaluation.quick_eval(judged, run.tokenizer, run.world, run.device, run.autocast,
+                                        n_pairs=run.cfg.eval_pairs)
+        results.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - run.t_start, 1))
+        with open(run.path("eval.json"), "w") as f:
             json.dump(results, f, indent=1)
         print(evaluation.format_table(results))
-    if world_size > 1:  # DDP's reducer goes first: freeing the process group, it could deadlock gloo on the GIL
-        del step_fn
+    if run.world_size > 1:  # DDP's reducer goes first: freeing the process group, it could deadlock gloo on the GIL
+        run.step_fn = None
         dist.barrier()
         dist.destroy_process_group()
 

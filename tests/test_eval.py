@@ -86,9 +86,9 @@ def test_masked_inference_keeps_the_right_number_of_patches():
     outputs, encode = [], model.encode_image
 
     def spy(images, patch_masked=None, keep_idx=None):  # records what the image encoder returned
-        hidden, out = encode(images, patch_masked, keep_idx)
-        outputs.append((keep_idx, out))
-        return hidden, out
+        encoded = encode(images, patch_masked, keep_idx)
+        outputs.append((keep_idx, encoded.out))
+        return encoded
 
     model.encode_image = spy
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)

@@ -331,7 +331,7 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
             str(pairs_file(tmp_path)), "--out_dir", str(tmp_path / "e1"), "--n_probe", "8", "--skip_figures"])
     results = json.loads((tmp_path / "e1" / "eval.json").read_text())
     assert {"zeroshot_top1", "i2t_r1", "itm_acc", "dvae_perplexity"} <= set(results) and "dvae_recon_mse" not in results
-    assert "has no decoder" in capsys.readouterr().out and prompted == [(["red square", "blue circle"], E.PROMPTS)]
+    assert "has no decoder" in capsys.readouterr().out and prompted == [(["red square", "blue circle"], data.PROMPTS)]
     for table in ({"n0001": "red square", "n0002": "blue circle"},  # {folder: name}, ImageNet's {index: [folder, name]}
                   {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
         (tmp_path / "names.json").write_text(json.dumps(table))
