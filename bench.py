@@ -240,15 +240,19 @@ COLUMNS = ("zeroshot_top1", "zeroshot_heldout_top1", "i2t_r1", "t2i_r1", "vqa_mu
 
 
 def train_and_eval(out, flags, processes=1):
-    """One run of train.py (under torchrun for several processes) and the full eval.py suite -> eval.json."""
-    launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       f"--nproc_per_node={processes}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
-    subprocess.run([*launch, "train.py", "--out_dir", out, "--eval", "false", *flags], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "eval.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--skip_figures"], check=True,
-                   stdout=subprocess.DEVNULL)
-    with open(os.path.join(out, "eval.json")) as f:
+    """One run of train.py (under torchrun for several processes) and the full eval.py suite -> eval.json. Rerunning
+    the ablation resumes it: a row cut short continues from its last checkpoint (--resume, the same flags, so the
+    same run), a finished row is not trained again, and an evaluated one not evaluated again."""
+    result, ckpt = os.path.join(out, "eval.json"), os.path.join(out, "ckpt.pt")
+    if not (os.path.exists(result) and os.path.getmtime(result) > os.path.getmtime(ckpt)):
+        launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                           "--standalone", f"--nproc_per_node={processes}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
+        subprocess.run([*launch, "train.py", "--out_dir", out, "--eval", "false", "--resume", *flags], check=True,
+                       env=env, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--skip_figures"], check=True,
+                       stdout=subprocess.DEVNULL)
+    with open(result) as f:
         return json.load(f)
 
 
@@ -273,9 +277,10 @@ def ablate(args):
     speed = {1.0: ms_per_step(default)}
     for keep in sorted({k for k, _ in FLIP_ROWS}):
         probe_dir = os.path.join(root, f"speed{keep}")
-        subprocess.run([sys.executable, "train.py", "--out_dir", probe_dir, "--keep_ratio", str(keep), "--steps", "60",
-                        "--warmup", "10", "--log_every", "20", "--eval", "false", *dvae, *seed], check=True,
-                       stdout=subprocess.DEVNULL)
+        if not os.path.exists(os.path.join(probe_dir, "log.jsonl")):  # measured once, also when the ablation resumes
+            subprocess.run([sys.executable, "train.py", "--out_dir", probe_dir, "--keep_ratio", str(keep), "--steps",
+                            "60", "--warmup", "10", "--log_every", "20", "--eval", "false", *dvae, *seed], check=True,
+                           stdout=subprocess.DEVNULL)
         speed[keep] = ms_per_step(probe_dir)
     for keep, tuned in tqdm(FLIP_ROWS, desc="FLIP rows"):
         tune = round(0.1 * budget / speed[1.0]) if tuned else 0
@@ -419,12 +424,47 @@ def main(argv=None):
         device = train.pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
-    cases, sets = args.cases.split(","), dict(kv.split("=", 1) for kv in args.set)
+    sets = dict(kv.split("=", 1) for kv in args.set)
     kinds = {k: type(getattr(M.ModelConfig, k)) for k in sets}
     cfg = M.ModelConfig.from_preset(args.preset, **{k: v == "true" if kinds[k] is bool else kinds[k](v)
                                                     for k, v in sets.items()})
     if args.fit:
         return fit(args, cfg, device)
+    jobs = timing_jobs(args)
+    spec = {"cfg": asdict(cfg), "device": str(device), "dtype": args.dtype, "threads": args.threads,
+            "masked_fraction": args.masked_fraction, "micro": args.micro}
+    B = largest_batch(spec, device) if args.batch == "max" else int(args.batch)
+    mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
+           for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
+    dtype = train.resolve_dtype(args.dtype, device)
+    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction, args.micro)}
+    if any(side == "peer" for side, _, _ in jobs):
+        runners["peer"] = Peer(cfg, device, dtype)
+    wall = time_interleaved(runners, jobs, make_batch(cfg, B, device), args.warmup, args.steps, device)
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    cpuinfo = open("/proc/cpuinfo").read().splitlines() if sys.platform == "linux" else []
+    cpu = next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    info = {"gpu": gpu, "cpu": cpu, "threads": args.threads, "torch": torch.__version__}
+    print(f"\n{args.preset} preset{' ' + str(sets) if sets else ''}, batch {B}, {str(dtype)[6:]}"
+          f"{', compiled' if args.compile else ''} on {gpu or cpu + ' (' + str(args.threads) + ' threads)'}, "
+          f"torch {torch.__version__}: median of {args.steps} interleaved steps after {args.warmup} warm-up")
+    rows = timing_table(cfg, runners, wall, mem, B, args.masked_fraction, peak)
+    checks = goal_checks(wall, mem, rows, args.micro)
+    if "peer" in runners:
+        n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in runners.items()}
+        print(f"\nparameters: nanoFLAVA {n['ours']:.1f}M, HF FlavaForPreTraining {n['peer']:.1f}M (codebook not built)")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "machine": info, "model": asdict(cfg), "dtype": str(dtype), "batch": B,
+                   "results": rows, "checks": checks}, f, indent=1)
+    print(f"wrote {args.json}")
+    return rows, checks
+
+
+def timing_jobs(args):
+    """The (side, case, keep) jobs --cases, --keep, --pair_keep, --micro and --peer ask for."""
+    cases = args.cases.split(",")
     jobs = [("ours", "contrastive", float(k)) for k in args.keep.split(",") if "contrastive" in cases]
     jobs += [("ours", "pairs", float(k)) for k in args.pair_keep.split(",") if "pairs" in cases]
     jobs += [("ours", "accum", float(k)) for k in args.pair_keep.split(",") if "pairs" in cases and args.micro]
@@ -435,59 +475,54 @@ def main(argv=None):
             jobs += [("peer", c, 1.0) for c in ("pairs", "images", "texts") if c in cases]
         except ImportError:
             print("note: transformers is not installed; the Hugging Face comparison is skipped")
-    spec = {"cfg": asdict(cfg), "device": str(device), "dtype": args.dtype, "threads": args.threads,
-            "masked_fraction": args.masked_fraction, "micro": args.micro}
-    B = None if args.batch == "max" else int(args.batch)
-    if B is None:  # double until the joint step no longer fits, each try in a fresh process
-        if device.type != "cuda":
-            raise SystemExit("--batch max finds the limit by running out of GPU memory: it needs --device cuda")
-        b = 8
-        while not probe_fresh({**spec, "side": "ours", "case": "pairs", "keep": 1.0, "batch": b})["oom"]:
-            B, b = b, 2 * b
-        if B is None:
-            raise SystemExit("not even a batch of 8 fits the joint step")
-        print(f"largest batch that fits the joint step (doubling from 8): {B}")
-    mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
-           for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
+    return jobs
 
-    dtype = train.resolve_dtype(args.dtype, device)
-    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction, args.micro)}
-    if any(side == "peer" for side, _, _ in jobs):
-        runners["peer"] = Peer(cfg, device, dtype)
-    batch, order, rng = make_batch(cfg, B, device), list(jobs), random.Random(0)
-    wall = {j: [] for j in jobs}
-    for r in tqdm(range(args.warmup + args.steps), desc="rounds"):
+
+def largest_batch(spec, device):
+    """--batch max: double from 8 until the joint step no longer fits the GPU, each try in a fresh process."""
+    if device.type != "cuda":
+        raise SystemExit("--batch max finds the limit by running out of GPU memory: it needs --device cuda")
+    B, b = None, 8
+    while not probe_fresh({**spec, "side": "ours", "case": "pairs", "keep": 1.0, "batch": b})["oom"]:
+        B, b = b, 2 * b
+    if B is None:
+        raise SystemExit("not even a batch of 8 fits the joint step")
+    print(f"largest batch that fits the joint step (doubling from 8): {B}")
+    return B
+
+
+def time_interleaved(runners, jobs, batch, warmup, steps, device):
+    """Wall time of each job's step, the jobs in a new random order every round (so that drift in the machine's
+    speed falls on all of them alike) -> {job: [seconds after warm-up]}. A job out of memory is reported, not timed."""
+    order, rng, wall = list(jobs), random.Random(0), {j: [] for j in jobs}
+    for r in tqdm(range(warmup + steps), desc="rounds"):
         rng.shuffle(order)
         for job in list(order):
             sync(device)
             t0 = time.perf_counter()
             try:
                 runners[job[0]].step(job[1], job[2], batch, seed=r)
-            except torch.cuda.OutOfMemoryError:  # e.g. the peer at our largest batch: reported, not timed
+            except torch.cuda.OutOfMemoryError:  # e.g. the peer at our largest batch
                 order.remove(job)
                 del wall[job]
                 runners[job[0]].opt.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                print(f"\n{runners[job[0]].name} {job[1]} keep {job[2]:g}: out of memory at batch {B}")
+                print(f"\n{runners[job[0]].name} {job[1]} keep {job[2]:g}: out of memory at batch {len(batch['ids'])}")
                 continue
             sync(device)
-            if r >= args.warmup:
+            if r >= warmup:
                 wall[job].append(time.perf_counter() - t0)
+    return wall
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-    cpuinfo = open("/proc/cpuinfo").read().splitlines() if sys.platform == "linux" else []
-    cpu = next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
-    info = {"gpu": gpu, "cpu": cpu, "threads": args.threads, "torch": torch.__version__}
-    print(f"\n{args.preset} preset{' ' + str(sets) if sets else ''}, batch {B}, {str(dtype)[6:]}"
-          f"{', compiled' if args.compile else ''} on {gpu or cpu + ' (' + str(args.threads) + ' threads)'}, "
-          f"torch {torch.__version__}: median of {args.steps} interleaved steps after {args.warmup} warm-up")
+
+def timing_table(cfg, runners, wall, mem, B, masked_fraction, peak):
+    """Print one row per job (median and range of ms/step, throughput, memory, TFLOP/s, MFU) -> the rows."""
     print("\n| model | step | keep | ms/step median [min-max] | samples/s | peak MiB (step rise) | TFLOP/s | MFU |\n"
           + "|---" * 8 + "|")
     rows = []
     for (side, case, keep), t in wall.items():
         med, m = statistics.median(t), mem.get((side, case, keep), {})
-        tflops = case_flops(cfg, case, keep, args.masked_fraction) * B / med / 1e12
+        tflops = case_flops(cfg, case, keep, masked_fraction) * B / med / 1e12
         rows.append({"model": runners[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
                      "ms_median": 1e3 * med, "samples_per_s": B / med, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "oom": m.get("oom", False),
@@ -495,12 +530,17 @@ def main(argv=None):
         mem_txt = "OOM" if m.get("oom") else f"{m['peak'] / 2**20:.0f} ({m['rise'] / 2**20:.0f})" if m else "-"
         print(f"| {runners[side].name} | {case} | {keep:g} | {1e3 * med:.0f} [{1e3 * min(t):.0f}-{1e3 * max(t):.0f}] | "
               f"{B / med:.1f} | {mem_txt} | {tflops:.3f} | {'-' if peak is None else f'{100 * tflops / peak:.1f}%'} |")
+    return rows
 
+
+def goal_checks(wall, mem, rows, micro):
+    """The project's speed and memory goals (GOALS: ratios of interleaved step times; FLIP's memory; MFU), each
+    with its measured value, printed as a table -> the checks."""
     checks = [{"name": n, "value": statistics.median(x / y for x, y in zip(wall[a], wall[b])), "goal": g, "op": ">="}
               for n, a, b, g in GOALS if a in wall and b in wall]
     for k in [k for _, case, k in wall if case == "accum" and ("ours", "pairs", k) in wall]:
         ratio = statistics.median(x / y for x, y in zip(wall["ours", "accum", k], wall["ours", "pairs", k]))
-        checks.append({"name": f"GradCache: paired step at keep {k:g}, time in micro-batches of {args.micro} / in one",
+        checks.append({"name": f"GradCache: paired step at keep {k:g}, time in micro-batches of {micro} / in one",
                        "value": ratio, "goal": None, "op": ">="})
     m1, m5 = mem.get(("ours", "contrastive", 1.0), {}), mem.get(("ours", "contrastive", 0.5), {})
     if m1.get("rise") and m5.get("rise"):
@@ -514,14 +554,7 @@ def main(argv=None):
             c["met"] = c["value"] >= c["goal"] if c["op"] == ">=" else c["value"] <= c["goal"]
         goal, met = f"{c['op']} {c['goal']}" if c["goal"] else "-", {True: "yes", False: "no"}.get(c.get("met"), "-")
         print(f"| {c['name']} | {c['value']:.2f}{'' if c['name'].startswith('MFU') else 'x'} | {goal} | {met} |")
-    if "peer" in runners:
-        n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in runners.items()}
-        print(f"\nparameters: nanoFLAVA {n['ours']:.1f}M, HF FlavaForPreTraining {n['peer']:.1f}M (codebook not built)")
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "machine": info, "model": asdict(cfg), "dtype": str(dtype), "batch": B,
-                   "results": rows, "checks": checks}, f, indent=1)
-    print(f"wrote {args.json}")
-    return rows, checks
+    return checks
 
 
 if __name__ == "__main__":
