@@ -402,34 +402,13 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
     def run(fn, *args, **kwargs):  # a frozen pass of this model
         return fn(model, *args, device=device, autocast=autocast, **kwargs)
 
-    # ---- retrieval, ITM and fusion (with neither pairs nor a world, e.g. only --classes: none) -------------
-    results, shown, skipped, scenes = {}, {}, 0, []
-    if pairs is not None or world is not None:
-        if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
-            images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
-            skipped += pairs.num_skipped
-        else:
-            images, captions, scenes = synthetic_pairs(world, n_pairs)
-            image_of = torch.arange(len(captions))
-        sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
-        results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
-                   "retrieval_images": len(images)}
-        first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
-        one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
-        results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
-        if dvae is not None:
-            results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
-                           mask_ratio)
-        shown = {"images": images, "captions": captions, "sim": sim, "image_of": image_of}
-    # ---- zero-shot classification, composition, FLIP's inference question; probes on files --------------
+    results, shown, skipped = {}, {}, 0
+    if pairs is not None or world is not None:  # with neither (e.g. only --classes): no paired task
+        results, shown, skipped = paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio)
     if classes is not None:
-        zs_images, good, bad = read_files(classes, subset(len(classes), n_probe))
-        labels, skipped = torch.tensor([s["label"] for _, s in good]), skipped + bad
-        results |= run(zero_shot, tokenizer, zs_images, labels, torch.zeros(len(labels), dtype=torch.bool),
-                       classes.classes, prompts, drops=DROPS)
+        found, skipped_images, zs_images = file_classification(run, tokenizer, classes, prompts, n_probe)
+        results, skipped = results | found, skipped + skipped_images
         shown.setdefault("images", zs_images)  # what the tokenizer check and the figures use without pairs
-        cls = run(image_features, zs_images)[0]  # (n, D)
-        results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
     elif world is not None:
         results |= run(zero_shot, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
                        drops=DROPS)
@@ -438,44 +417,91 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
         pick = subset(len(lines), n_probe)
         cls = run(text_features, tokenizer, [lines[i] for i in pick])[0]  # (n, D)
         results["probe_text_label"] = mean(fit_head(cls, labels[pick], split_of(len(pick))))
-    # ---- synthetic probes: vision on [CLS_I], language on [CLS_T] ---------------------------------------
     if world is not None:
-        split, every = split_of(n_probe), [(c, s) for c in world.COLOURS for s in world.SHAPES]
-        singles = [world.single("val", FIRST["singles"] + j, *random.Random(f"single/{j}").choice(every))
-                   for j in range(n_probe)]
-        cls = run(image_features, render(world, singles))[0]  # (n, D)
-        for what, vocab in (("shape", world.SHAPES), ("colour", world.COLOURS)):
-            y = torch.tensor([vocab.index(s["objects"][0][what]) for s in singles])
-            results[f"probe_image_{what}"] = mean(fit_head(cls, y, split))
-        scenes, rows = vqa_set(world, n_probe)
-        scene_images = render(world, scenes)
-        cls_i = run(image_features, scene_images)[0]  # (n, D)
-        y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
-        results["probe_image_count"] = mean(fit_head(cls_i, y, split))
-        scenes = [world.scene("val", FIRST["captions"] + i) for i in range(n_probe)]
-        lines = [world.caption(s, random.Random(f"probe/{i}")) for i, s in enumerate(scenes)]
-        cls_t = run(text_features, tokenizer, lines)[0]  # (n, D)
-        y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
-        results["probe_text_count"] = mean(fit_head(cls_t, y, split))
-        multi = y > 0  # the relation a caption states, or none ("and"), among captions of 2+ objects
-        y = torch.tensor([next((k for k, r in enumerate(world.RELATIONS) if r in c), 4) for c in lines])  # 4: none
-        results["probe_text_relation"] = mean(fit_head(cls_t[multi], y[multi], split[multi]))
-        # ---- VQA: a head on frozen [CLS_M] of (image, question), the unimodal heads beside it -------------
-        at = torch.tensor([r[0] for r in rows])  # (q,) each question's scene
-        questions, y, kinds = [r[1] for r in rows], torch.tensor([r[2] for r in rows]), [r[3] for r in rows]
-        inputs = {"multimodal": run(fused_features, tokenizer, scene_images, at, questions)[0],
-                  "image_only": cls_i[at], "text_only": run(text_features, tokenizer, questions)[0]}
-        test_kinds = [k for k, s in zip(kinds, split[at].tolist()) if s == 2]
-        for name, x in inputs.items():
-            correct = fit_head(x, y, split[at])
-            results[f"vqa_{name}"] = mean(correct)
-            for kind in QUESTION_TYPES.values():
-                results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
+        results |= synthetic_probes(run, tokenizer, world, n_probe)
     # ---- the image tokenizer: reconstruction from the hard codes beside the mean image, code use ------------
     if "images" in shown:
         results |= tokenizer_health(dvae, shown["images"].to(device).float() / 255, model.cfg.codebook_size)
     results["skipped_files"] = skipped
     return results, shown
+
+
+def paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio):
+    """Retrieval, ITM and the fusion's masked predictions on held-out pairs (files, or the world's val scenes)
+    -> (results, shown, skipped files)."""
+    skipped, scenes = 0, []
+    if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
+        images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
+        skipped += pairs.num_skipped
+    else:
+        images, captions, scenes = synthetic_pairs(world, n_pairs)
+        image_of = torch.arange(len(captions))
+    sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
+    results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
+               "retrieval_images": len(images)}
+    first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
+    one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
+    results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
+    if dvae is not None:
+        results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
+                       mask_ratio)
+    return results, {"images": images, "captions": captions, "sim": sim, "image_of": image_of}, skipped
+
+
+def file_classification(run, tokenizer, classes, prompts, n_probe):
+    """Zero-shot classification (and FLIP's dropped-patch question) on an image folder, and a linear probe on
+    its frozen [CLS_I] -> (results, skipped files, the images read)."""
+    images, good, skipped = read_files(classes, subset(len(classes), n_probe))
+    labels = torch.tensor([s["label"] for _, s in good])
+    results = run(zero_shot, tokenizer, images, labels, torch.zeros(len(labels), dtype=torch.bool), classes.classes,
+                  prompts, drops=DROPS)
+    cls = run(image_features, images)[0]  # (n, D)
+    results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
+    return results, skipped, images
+
+
+def synthetic_probes(run, tokenizer, world, n_probe):
+    """Vision probes on [CLS_I] (shape, colour, object count), language probes on [CLS_T] (object count, the
+    stated relation) and VQA on [CLS_M] beside image-only and text-only heads, on the world's val scenes."""
+    results, split = {}, split_of(n_probe)
+    every = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    singles = [world.single("val", FIRST["singles"] + j, *random.Random(f"single/{j}").choice(every))
+               for j in range(n_probe)]
+    cls = run(image_features, render(world, singles))[0]  # (n, D)
+    for what, vocab in (("shape", world.SHAPES), ("colour", world.COLOURS)):
+        y = torch.tensor([vocab.index(s["objects"][0][what]) for s in singles])
+        results[f"probe_image_{what}"] = mean(fit_head(cls, y, split))
+    scenes, rows = vqa_set(world, n_probe)
+    scene_images = render(world, scenes)
+    cls_i = run(image_features, scene_images)[0]  # (n, D)
+    y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
+    results["probe_image_count"] = mean(fit_head(cls_i, y, split))
+    scenes = [world.scene("val", FIRST["captions"] + i) for i in range(n_probe)]
+    lines = [world.caption(s, random.Random(f"probe/{i}")) for i, s in enumerate(scenes)]
+    cls_t = run(text_features, tokenizer, lines)[0]  # (n, D)
+    y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
+    results["probe_text_count"] = mean(fit_head(cls_t, y, split))
+    multi = y > 0  # the relation a caption states, or none ("and"), among captions of 2+ objects
+    y = torch.tensor([next((k for k, r in enumerate(world.RELATIONS) if r in c), 4) for c in lines])  # 4: none
+    results["probe_text_relation"] = mean(fit_head(cls_t[multi], y[multi], split[multi]))
+    return results | vqa_heads(run, tokenizer, scene_images, cls_i, rows, split)
+
+
+def vqa_heads(run, tokenizer, scene_images, cls_i, rows, split):
+    """VQA: a linear head on frozen [CLS_M] of (image, question), and the same on the image's [CLS_I] alone and
+    the question's [CLS_T] alone, so that what fusion adds shows; overall and by kind of question."""
+    results = {}
+    at = torch.tensor([r[0] for r in rows])  # (q,) each question's scene
+    questions, y, kinds = [r[1] for r in rows], torch.tensor([r[2] for r in rows]), [r[3] for r in rows]
+    inputs = {"multimodal": run(fused_features, tokenizer, scene_images, at, questions)[0],
+              "image_only": cls_i[at], "text_only": run(text_features, tokenizer, questions)[0]}
+    test_kinds = [k for k, s in zip(kinds, split[at].tolist()) if s == 2]
+    for name, x in inputs.items():
+        correct = fit_head(x, y, split[at])
+        results[f"vqa_{name}"] = mean(correct)
+        for kind in QUESTION_TYPES.values():
+            results[f"vqa_{name}_{kind}"] = mean(correct[torch.tensor([k == kind for k in test_kinds])])
+    return results
 
 
 def tokenizer_health(dvae, x, codebook_size):
@@ -594,7 +620,7 @@ def format_table(results) -> str:
     return "\n".join(["| metric | value |", "| --- | --- |", *rows])
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="", help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
     parser.add_argument("--hf", default="", help="instead of --ckpt: a Hugging Face FLAVA folder (facebook/flava-full)")
@@ -613,15 +639,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.ckpt) == bool(args.hf):
         parser.error("give one of --ckpt and --hf")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    from train import pick_device, resolve_dtype  # train.py imports this file: imported here, once both are loaded
+    return args
+
+
+def open_inputs(args, device):
+    """Every input opened, or refused with one line naming the path and what was expected (exit status 2, as
+    argparse), before any compute -> (checkpoint, model, tokenizer, dVAE, world, pairs, classes, texts, prompts)."""
     try:
-        t0, device = time.time(), pick_device(args.device)
-    except ValueError as e:
-        raise SystemExit(f"eval.py: {e}") from None
-    dtype = resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with native bf16
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # the probe heads: fp32
-    try:  # every input is opened, or refused with a message, before any compute
         ckpt = pretrained_checkpoint(args.hf) if args.hf else load_checkpoint(args.ckpt)
         model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
@@ -636,9 +660,23 @@ def main(argv=None):
         if world is None and pairs is None and classes is None:
             raise ValueError(f"{args.ckpt or args.hf} was not trained on the synthetic world: give held-out pairs "
                              "with --pairs and/or an image folder with --classes (and --texts for more tasks)")
-    except (FileNotFoundError, ValueError) as e:  # one line naming the path and what was expected, as argparse
+    except (FileNotFoundError, ValueError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    return ckpt, model, tokenizer, dvae, world, pairs, classes, texts, prompts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    from train import pick_device, resolve_dtype  # train.py imports this file: imported here, once both are loaded
+    try:
+        t0, device = time.time(), pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
+    dtype = resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with native bf16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # the probe heads: fp32
+    ckpt, model, tokenizer, dvae, world, pairs, classes, texts, prompts = open_inputs(args, device)
     mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts, prompts, mask_ratio)
