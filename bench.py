@@ -64,12 +64,12 @@ def make_batch(cfg, B, device, seed=0):
     return {"image": images.to(device), "ids": ids.to(device), "attn": attn.to(device)}
 
 
-def case_flops(cfg, case, keep, masked_fraction=1.0):
+def case_flops(cfg, case, keep, masked_pass_share=1.0):
     """Training FLOPs per sample (3 x forward). The contrastive pass: the image tower, the text tower
     and both projections at keep 1.0; what dropping saves is what model.flops_per_sample says it saves."""
     case = "pairs" if case == "accum" else case  # the same model FLOPs: the extra forward is overhead
     if case != "contrastive":
-        return M.flops_per_sample(cfg, case, keep, masked_fraction=masked_fraction)
+        return M.flops_per_sample(cfg, case, keep, masked_pass_share=masked_pass_share)
     full = M._stem_flops(cfg) + M._encoder_flops(cfg, cfg.image_layers, 1 + cfg.num_patches)
     full += M._encoder_flops(cfg, cfg.text_layers, cfg.text_len) + 2 * 2 * cfg.width * cfg.embed_dim
     return 3 * full + M.flops_per_sample(cfg, "pairs", keep) - M.flops_per_sample(cfg, "pairs", 1.0)
@@ -97,13 +97,13 @@ class Runner:
 class Ours(Runner):
     name = "nanoFLAVA"
 
-    def __init__(self, cfg, device, dtype, compile=False, masked_fraction=1.0, micro=0):
+    def __init__(self, cfg, device, dtype, compile=False, masked_pass_share=1.0, micro=0):
         torch.manual_seed(0)
         self.micro = micro  # the "accum" case: the paired step in micro-batches of this many pairs (GradCache)
         self.setup(M.FLAVA(cfg), device, dtype)
         self.loss_cfgs = {}  # one LossConfig per keep ratio, reused (a compiled step guards on it); the full
-        # FLAVA step runs the masked pass on the whole batch (masked_fraction 1.0), as Hugging Face's does
-        self.masked_fraction = masked_fraction
+        # FLAVA step runs the masked pass on the whole batch (masked_pass_share 1.0), as Hugging Face's does
+        self.masked_pass_share = masked_pass_share
         dvae = M.DVAE(cfg).to(device)
         self.objective = losses.FLAVALoss(self.model, dvae, self.loss_config(1.0), MASK_ID, SPECIAL_IDS)
         self.full, self.contrastive = self.objective, self._contrastive
@@ -112,7 +112,7 @@ class Ours(Runner):
 
     def loss_config(self, keep):
         return self.loss_cfgs.setdefault(keep, losses.LossConfig(keep_ratio=keep,
-                                                                     masked_fraction=self.masked_fraction))
+                                                                     masked_pass_share=self.masked_pass_share))
 
     def _contrastive(self, images_u8, ids, attn, keep_idx):
         """The contrastive pass of losses.FLAVALoss.pairs on its own."""
@@ -193,8 +193,9 @@ def probe(spec):
     dtype = train.resolve_dtype(spec["dtype"], device)
     if device.type == "cuda" and spec.get("gpu_gb"):  # --fit: as if the GPU had this much memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_gb"] * 2**30 / torch.cuda.mem_get_info()[1]))
-    runner = Ours(cfg, device, dtype, masked_fraction=spec.get("masked_fraction", 1.0), micro=spec.get("micro", 0)) \
-        if spec["side"] == "ours" else Peer(cfg, device, dtype)
+    share, micro = spec.get("masked_pass_share", 1.0), spec.get("micro", 0)
+    runner = Ours(cfg, device, dtype, masked_pass_share=share, micro=micro) if spec["side"] == "ours" \
+        else Peer(cfg, device, dtype)
     batch = make_batch(cfg, spec["batch"], device)
     try:
         runner.step(case, keep, batch, 0)
@@ -333,7 +334,8 @@ def fit(args, cfg, device):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in M.FLAVA(cfg).parameters())
     print(f"\n{args.preset}: {n_params / 1e6:.0f}M parameters, {args.gpu_gb:g} GB per GPU, keep_ratio "
-          f"{loss_cfg.keep_ratio:g}, masked_fraction {loss_cfg.masked_fraction:g}, masked_pass {loss_cfg.masked_pass}\n")
+          f"{loss_cfg.keep_ratio:g}, masked_pass_share {loss_cfg.masked_pass_share:g}, "
+          f"masked_pass {loss_cfg.masked_pass}\n")
     print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world |\n"
           + "|---" * 4 + "|")
     rows = []
@@ -341,8 +343,8 @@ def fit(args, cfg, device):
         c = replace(cfg, grad_ckpt=ckpt, attn="sdpa")
         if device.type == "cuda":
             spec = {"cfg": asdict(c), "device": str(device), "dtype": args.dtype, "threads": args.threads, "keep":
-                    loss_cfg.keep_ratio, "masked_fraction": loss_cfg.masked_fraction, "side": "ours", "case": "pairs",
-                    "gpu_gb": args.gpu_gb}
+                    loss_cfg.keep_ratio, "masked_pass_share": loss_cfg.masked_pass_share, "side": "ours",
+                    "case": "pairs", "gpu_gb": args.gpu_gb}
             b, largest = 8, 0
             while not probe_fresh({**spec, "batch": b})["oom"]:
                 largest, b = b, 2 * b
@@ -395,7 +397,7 @@ def parse_args(argv):
             ("keep", "1.0,0.5,0.25", "FLIP keep ratios of the contrastive pass"),
             ("pair_keep", "1.0,0.5", "FLIP keep ratios of the full paired step"),
             ("mem", "true", "measure memory, in a fresh process per case: true | false"),
-            ("masked_fraction", 1.0, "share of a paired batch in the masked pass (1.0 = FLAVA; tiny recipe: 0.25)"),
+            ("masked_pass_share", 1.0, "share of a paired batch's rows in the masked pass (1.0 = FLAVA; tiny: 0.5)"),
             ("micro", 0, "also time the paired step in micro-batches of this many pairs (GradCache; 0 = not)"),
             ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world", 8, "--fit: processes that --fsdp shards over"),
             ("precision_steps", 300, "--precision: steps of each short train.py run"),
@@ -410,7 +412,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="the ablation runs' seed")
     p.add_argument("--fit", action="store_true", help="the largest micro-batch that fits --gpu_gb (see fit())")
     p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see precision())")
-    return p.parse_args(argv)
+    p.add_argument("--masked_fraction", type=float, default=None, help="renamed --masked_pass_share")
+    args = p.parse_args(argv)
+    if args.masked_fraction is not None:  # the old name works for one release, as in train.py
+        args.masked_pass_share = args.masked_fraction
+        print("bench.py: --masked_fraction is now --masked_pass_share; the old name works until the next release",
+              file=sys.stderr)
+    return args
 
 
 def main(argv=None):
@@ -432,12 +440,12 @@ def main(argv=None):
         return fit(args, cfg, device)
     jobs = timing_jobs(args)
     spec = {"cfg": asdict(cfg), "device": str(device), "dtype": args.dtype, "threads": args.threads,
-            "masked_fraction": args.masked_fraction, "micro": args.micro}
+            "masked_pass_share": args.masked_pass_share, "micro": args.micro}
     B = largest_batch(spec, device) if args.batch == "max" else int(args.batch)
     mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
            for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
     dtype = train.resolve_dtype(args.dtype, device)
-    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_fraction, args.micro)}
+    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_pass_share, args.micro)}
     if any(side == "peer" for side, _, _ in jobs):
         runners["peer"] = Peer(cfg, device, dtype)
     wall = time_interleaved(runners, jobs, make_batch(cfg, B, device), args.warmup, args.steps, device)
@@ -450,7 +458,7 @@ def main(argv=None):
     print(f"\n{args.preset} preset{' ' + str(sets) if sets else ''}, batch {B}, {str(dtype)[6:]}"
           f"{', compiled' if args.compile else ''} on {gpu or cpu + ' (' + str(args.threads) + ' threads)'}, "
           f"torch {torch.__version__}: median of {args.steps} interleaved steps after {args.warmup} warm-up")
-    rows = timing_table(cfg, runners, wall, mem, B, args.masked_fraction, peak)
+    rows = timing_table(cfg, runners, wall, mem, B, args.masked_pass_share, peak)
     checks = goal_checks(wall, mem, rows, args.micro)
     if "peer" in runners:
         n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in runners.items()}
@@ -515,14 +523,14 @@ def time_interleaved(runners, jobs, batch, warmup, steps, device):
     return wall
 
 
-def timing_table(cfg, runners, wall, mem, B, masked_fraction, peak):
+def timing_table(cfg, runners, wall, mem, B, masked_pass_share, peak):
     """Print one row per job (median and range of ms/step, throughput, memory, TFLOP/s, MFU) -> the rows."""
     print("\n| model | step | keep | ms/step median [min-max] | samples/s | peak MiB (step rise) | TFLOP/s | MFU |\n"
           + "|---" * 8 + "|")
     rows = []
     for (side, case, keep), t in wall.items():
         med, m = statistics.median(t), mem.get((side, case, keep), {})
-        tflops = case_flops(cfg, case, keep, masked_fraction) * B / med / 1e12
+        tflops = case_flops(cfg, case, keep, masked_pass_share) * B / med / 1e12
         rows.append({"model": runners[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
                      "ms_median": 1e3 * med, "samples_per_s": B / med, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "oom": m.get("oom", False),

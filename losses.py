@@ -142,7 +142,9 @@ class LossConfig:
     mmm_text_prob: float = 0.15  # share of a caption's tokens masked for MMM-text (FLAVA: as MLM's)
     itm_neg_prob: float = 0.5  # share of captions swapped for another row's to make ITM negatives (ALBEF, ViLT: 0.5)
     masked_pass: str = "split"  # "joint": FLAVA's one pass masking both; "split": each masked modality meets the other whole
-    masked_fraction: float = 0.5  # share of a paired batch that also runs the masked pass (MMM + ITM); 1.0 = FLAVA
+    # share of a paired batch's *rows* that also take the masked pass (MMM + ITM); 1.0 = FLAVA. Not a share of
+    # patches: that is mask_ratio (BEiT, the masked pass) or 1 - keep_ratio (FLIP, the contrastive pass)
+    masked_pass_share: float = 0.5
     backprop: str = "global"  # "global": gradients through the all_gather (FLAVA); "local": CLIP's
     gc_weight: float = 1.0  # loss weights: all 1.0 in the paper and both public implementations
     itm_weight: float = 1.0
@@ -160,8 +162,8 @@ class LossConfig:
         for name in ("mlm_prob", "mmm_text_prob"):
             if not 0 < getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be in (0, 1)")
-        if not 0 < self.masked_fraction <= 1:
-            problems.append(f"masked_fraction={self.masked_fraction} must be in (0, 1]")
+        if not 0 < self.masked_pass_share <= 1:
+            problems.append(f"masked_pass_share={self.masked_pass_share} must be in (0, 1]")
         if self.masked_pass not in ("joint", "split"):
             problems.append(f"masked_pass={self.masked_pass!r} must be 'joint' or 'split'")
         if not 0 <= self.itm_neg_prob < 1:
@@ -264,7 +266,7 @@ class FLAVALoss(nn.Module):
     def _masked_span(self, first, count, total):
         """(j0, j1, n_all): of the masked pass's n_all rows j (global row j * total // n_all), those with
         j0 <= j < j1 lie in global rows first .. first + count - 1."""
-        n_all = max(1, round(total * self.cfg.masked_fraction))
+        n_all = max(1, round(total * self.cfg.masked_pass_share))
         return -(-first * n_all // total), -(-(first + count) * n_all // total), n_all  # ceil: first j at or past a row
 
     @staticmethod
@@ -301,7 +303,7 @@ class FLAVALoss(nn.Module):
         # FLIP: the patches the contrastive pass keeps (none dropped at keep_ratio 1: FLAVA).
         keep_idx = masking.random_keep(total, P, c.keep_ratio, device=device, generator=gen)[first : first + B] \
             if c.keep_ratio < 1 else None  # (B, K)
-        # The masked pass may run on a share of the rows only (masked_fraction): the contrastive loss gains
+        # The masked pass may run on a share of the rows only (masked_pass_share): the contrastive loss gains
         # from every extra negative, MMM and ITM much less, and the masked pass costs more. Its n_all rows
         # j * total // n_all are spread evenly over the global batch; this rank holds those with j0 <= j < j1.
         j0, j1, n_all = self._masked_span(first, B, total)

@@ -697,13 +697,13 @@ def _dalle_flops(cfg: ModelConfig) -> float:
 
 
 def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
-                     mlm_prob: float = 0.15, masked_fraction: float = 1.0, masked_pass: str = "split",
+                     mlm_prob: float = 0.15, masked_pass_share: float = 1.0, masked_pass: str = "split",
                      mmm_text_prob: float = 0.15) -> float:
     """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
     the matmuls and convolutions that dominate (PaLM's MFU convention, arXiv 2204.02311 App. B):
     the patch embedding, every encoder pass, the heads at the positions losses.py applies them
     to, and the dVAE encoder's target pass (forward only, no gradient). A paired batch runs its
-    masked pass (and the dVAE) on a masked_fraction of its rows: FLAVA's one fusion pass ("joint"), or
+    masked pass (and the dVAE) on a masked_pass_share of its rows: FLAVA's one fusion pass ("joint"), or
     two ("split": the masked caption with the kept image tokens, the masked image with the caption)."""
     D, P, L, V, C = cfg.width, cfg.num_patches, cfg.text_len, cfg.vocab_size, cfg.codebook_size
     K = max(1, round(P * keep_ratio))
@@ -729,7 +729,7 @@ def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mas
     masked += sum(2 * (n + L) * D * D + _encoder_flops(cfg, cfg.mm_layers, 1 + n + L) for n in fused)  # *_to_mm, fusion
     masked += head(n_img, C) + head(math.floor(mmm_text_prob * L) + 1, V)
     masked += 2 * (D * D + 2 * D)  # ITM pooler + classifier
-    return 3 * (contrastive + masked_fraction * masked) + masked_fraction * dvae
+    return 3 * (contrastive + masked_pass_share * masked) + masked_pass_share * dvae
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,14 +108,17 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
 # dropping half of them halved its zero-shot accuracy at equal time (README, "Tuning"). micro_batch: what fits a
 # GPU, by `bench.py --fit`'s estimate (README, "Scaling up"): `base` runs 1024 pairs per GPU on 8 GPUs as 8
 # micro-batches of 128 (~30 GB of 80), `small` 128 at once (~10 GB) and accumulates on fewer GPUs.
+# Flags renamed, old name -> new: the old one still works for one release, with a message naming the new one.
+# masked_fraction was a share of a batch's rows, beside mask_ratio and keep_ratio that are shares of patches.
+RENAMED = {"masked_fraction": "masked_pass_share"}
 RECIPES = {
     "tiny": {},
-    "tiny_long": dict(steps=2500, masked_fraction=1.0),  # ~16 minutes on 2 CPU cores: FLAVA's fusion half learns more
+    "tiny_long": dict(steps=2500, masked_pass_share=1.0),  # ~16 minutes on 2 CPU cores: FLAVA's fusion half learns more
     "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
-                  p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
+                  p_texts=0.15, masked_pass_share=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
                   log_every=50, ckpt_every=1000, micro_batch=128, masked_pass="joint"),
     "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
-                 p_images=0.15, p_texts=0.15, masked_fraction=1.0, keep_ratio=0.5, unmasked_steps=5000,
+                 p_images=0.15, p_texts=0.15, masked_pass_share=1.0, keep_ratio=0.5, unmasked_steps=5000,
                  dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128, masked_pass="joint"),
 }
 
@@ -149,7 +152,15 @@ def parse_args(argv=None):
             bare = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # a bare --resume means true
             group.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
                                help=f"{helps.get(f.name, '')} (default: {default})", **bare)
+    for old, new in RENAMED.items():  # an old name keeps working for one release, with a message naming the new
+        parser.add_argument(f"--{old}", dest=f"renamed_{old}", type=float, default=None, help=f"renamed --{new}")
     args = vars(parser.parse_args(argv))  # an unknown flag exits here (status 2), naming it
+    for old, new in RENAMED.items():
+        if (value := args.pop(f"renamed_{old}")) is not None:
+            if args[new] is not None:
+                parser.error(f"--{old} is the old name of --{new}: give only --{new}")
+            args[new] = value
+            print(f"train.py: --{old} is now --{new}; the old name works until the next release", file=sys.stderr)
     given = {k: v for k, v in args.items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
     if preset not in RECIPES:
@@ -406,6 +417,7 @@ def fail(error):
 def check_resume_flags(path, ckpt, current, accept):
     """current: {"train_cfg": ..., "model_cfg": ..., "loss_cfg": ...} of this run, as the checkpoint stores them.
     -> the differences, as '--flag old -> new'; a ValueError listing them unless accept."""
+    ckpt = {part: {RENAMED.get(k, k): v for k, v in ckpt.get(part, {}).items()} for part in current}  # old names
     changes = [f"--{k} {ckpt[part][k]!r} -> {v!r}" for part, now in current.items() for k, v in now.items()
                if k not in HARMLESS and k in ckpt.get(part, {}) and ckpt[part][k] != v]  # absent: an older format
     if changes and not accept:
@@ -909,7 +921,7 @@ def train(run):
     cfg, loss_cfg, plan = run.cfg, run.loss_cfg, stages(run.cfg)
     total = sum(n for _, _, n in plan)
     flops = {(stage, src): flops_per_sample(run.mcfg, src, 1.0 if stage == "unmasked" else loss_cfg.keep_ratio,
-                                            loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_fraction,
+                                            loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_pass_share,
                                             loss_cfg.masked_pass, loss_cfg.mmm_text_prob)
              for stage, _, _ in plan for src in data.SOURCES}  # per sample, for the log's tflops
     bar = tqdm(total=total, initial=run.step, desc="FLAVA", disable=run.rank != 0, dynamic_ncols=True)

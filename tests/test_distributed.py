@@ -163,7 +163,7 @@ def test_gloo_ranks_match_one_big_batch(world, tmp_path):
 
 # Every loss weight at 1 (the default). The masked pass runs on 0.375 of the 8 rows, rows 0, 2 and 5: the
 # ranks hold uneven shares of it (2 + 1 for W = 2; 1 + 1 + 1 + 0 for W = 4, a rank without a masked row).
-LOSS = dict(keep_ratio=0.5, itm_neg_prob=0.5, masked_fraction=0.375)
+LOSS = dict(keep_ratio=0.5, itm_neg_prob=0.5, masked_pass_share=0.375)
 SEED = 12345
 
 

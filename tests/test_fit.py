@@ -35,7 +35,7 @@ def test_saved_activations_are_what_a_forward_keeps(tiny_cfg):
     import bench
     import losses
 
-    loss_cfg = losses.LossConfig(keep_ratio=0.5, masked_fraction=1.0)
+    loss_cfg = losses.LossConfig(keep_ratio=0.5, masked_pass_share=1.0)
     per_pair = {}
     for ckpt in (False, True):
         cfg = replace(tiny_cfg, grad_ckpt=ckpt, attn="sdpa", image_layers=4, text_layers=4, mm_layers=2)

@@ -24,7 +24,7 @@ from test_reliability import TINY
 STEPS = 6
 COMMON = [*TINY, "--steps", STEPS, "--ckpt_every", STEPS // 2, "--warmup", 1, "--lr", 1e-3, "--init_std", 0.2,
           "--seed", 9, "--p_pairs", 0.4, "--p_images", 0.3, "--p_texts", 0.3, "--keep_ratio", 0.5,
-          "--masked_fraction", 0.5]
+          "--masked_pass_share", 0.5]
 RUNS = {  # out dir: (flags, the checkpoint it resumes from)
     "A": (["--fsdp", "true", "--micro_batch", 2], None),
     "B": ([], None),

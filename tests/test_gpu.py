@@ -41,7 +41,7 @@ def make_step(device=CUDA, **loss_kw):
     model, dvae = FLAVA(cfg).to(device), DVAE(cfg).to(device)
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
         dvae.codebook.uniform_()
-    loss_kw = {"keep_ratio": 0.5, "itm_neg_prob": 0.5, "masked_fraction": 0.5, **loss_kw}
+    loss_kw = {"keep_ratio": 0.5, "itm_neg_prob": 0.5, "masked_pass_share": 0.5, **loss_kw}
     return losses.FLAVALoss(model, dvae, losses.LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS), cfg
 
 

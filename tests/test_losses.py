@@ -37,7 +37,7 @@ def make_loss(cfg, seed=0, **loss_kw):
     model, dvae = FLAVA(cfg), DVAE(cfg)
     with torch.no_grad():  # random codes in pixel space, so that random images get varied codes
         dvae.codebook.uniform_()
-    loss_kw.setdefault("masked_fraction", 1.0)  # the paper's step: every pair also takes the masked pass
+    loss_kw.setdefault("masked_pass_share", 1.0)  # the paper's step: every pair also takes the masked pass
     return FLAVALoss(model, dvae, LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS)
 
 
@@ -439,13 +439,13 @@ def test_itm_learns_to_tell_matched_from_mismatched_pairs():
     assert auc >= 0.9, (auc, score)
 
 
-def test_masked_fraction_runs_the_masked_pass_on_rows_spread_over_the_batch(monkeypatch):
-    """masked_fraction trades MMM/ITM samples for speed: the contrastive pass still sees the whole batch,
+def test_masked_pass_share_runs_the_masked_pass_on_rows_spread_over_the_batch(monkeypatch):
+    """masked_pass_share trades MMM/ITM samples for speed: the contrastive pass still sees the whole batch,
     the masked pass round(fraction * B) rows spread evenly over it (every 4th at 0.25), so that with W ranks
     each holds its share of them, as their global row index, not their rank, decides."""
     cfg = ModelConfig.from_preset("tiny", width=32, heads=2, image_layers=1, text_layers=1, image_size=32,
                                   codebook_size=32, vocab_size=50)
-    loss_fn = make_loss(cfg, masked_fraction=0.25, itm_neg_prob=0.0)
+    loss_fn = make_loss(cfg, masked_pass_share=0.25, itm_neg_prob=0.0)
     batch = make_batch(cfg, 16)
     _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed=0)
     (masked_call,) = [c for c in spies["encode_image"].calls if arg(c, 1, "patch_masked") is not None]

@@ -481,7 +481,7 @@ def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, ml
     torch.manual_seed(0)
     model, dvae = FLAVA(cfg), DVAE(cfg)
     loss_fn = losses.FLAVALoss(model, dvae, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
-                                                              mlm_prob=mlm_prob, masked_fraction=1.0,
+                                                              mlm_prob=mlm_prob, masked_pass_share=1.0,
                                                               masked_pass=masked_pass),
                                mask_id=4, special_ids=SPECIALS)
     images = (rand_images(B, cfg.image_size) * 255).to(torch.uint8)

@@ -248,10 +248,10 @@ def test_dalle_encoder_flops_are_counted(monkeypatch):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             M.DalleEncoder(cfg)(torch.rand(1, 3, 8 * cfg.grid, 8 * cfg.grid))
         assert M._dalle_flops(cfg) == counter.get_total_flops()
-    with_it = {src: M.flops_per_sample(cfg, src, masked_fraction=0.5) for src in ("images", "pairs")}
+    with_it = {src: M.flops_per_sample(cfg, src, masked_pass_share=0.5) for src in ("images", "pairs")}
     monkeypatch.setattr(M, "_dalle_flops", lambda cfg: 0)  # the targets' pass: once per image, forward only
     assert with_it["images"] - M.flops_per_sample(cfg, "images") == counter.get_total_flops()
-    assert with_it["pairs"] - M.flops_per_sample(cfg, "pairs", masked_fraction=0.5) == 0.5 * counter.get_total_flops()
+    assert with_it["pairs"] - M.flops_per_sample(cfg, "pairs", masked_pass_share=0.5) == 0.5 * counter.get_total_flops()
 
 
 # ---------------------------------------------------------------------------------------------

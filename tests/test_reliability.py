@@ -481,7 +481,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_whole_batch(tmp_path, mon
     args = [*TINY, "--pairs", tmp_path / "pairs.jsonl", "--images", tmp_path / "classes", "--texts",
             tmp_path / "texts.txt", "--steps", 8, "--p_pairs", 0.34, "--p_images", 0.33, "--p_texts", 0.33,
             "--dvae_ckpt", tmp_path / "dvae.pt", "--lr", 0, "--keep_ratio", 0.5, "--itm_neg_prob", 0.5,
-            "--masked_fraction", 0.375, "--init_std", 0.2]
+            "--masked_pass_share", 0.375, "--init_std", 0.2]
     proc = torchrun([Path(__file__), *args, "--out_dir", tmp_path / "two"])
     try:  # meanwhile, the same run in this one process
         (tmp_path / "one").mkdir()

@@ -87,6 +87,22 @@ def test_changed_flags_are_refused_unless_ok(tmp_path, capsys):
     assert "--resume_changes ok: --steps 4 -> 6" in capsys.readouterr().out
 
 
+def test_a_renamed_flag_still_works_and_names_the_new_one(capsys):
+    """--masked_fraction became --masked_pass_share: the old flag sets the new field and says so, both at once
+    are refused, and a checkpoint saved under the old name is compared under the new one on resume."""
+    import train
+
+    _, _, loss = train.parse_args(["--masked_fraction", "0.25"])
+    assert loss.masked_pass_share == 0.25 and "--masked_pass_share" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--masked_fraction", "0.25", "--masked_pass_share", "0.5"])
+    assert exit_.value.code == 2 and "give only --masked_pass_share" in capsys.readouterr().err
+    old = {"loss_cfg": {"masked_fraction": 0.5}}
+    with pytest.raises(ValueError, match=r"--masked_pass_share 0.5 -> 1.0"):
+        train.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 1.0}}, accept=False)
+    assert train.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 0.5}}, accept=False) == []
+
+
 def test_the_last_k_checkpoints_are_kept(tmp_path):
     run(tmp_path, "--steps", 7, "--ckpt_every", 2, "--dvae_steps", 1, "--keep_ckpts", 2)
     kept = sorted(p.name for p in tmp_path.glob("ckpt_*.pt"))
