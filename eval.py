@@ -144,11 +144,13 @@ def itm_metrics(model, tokenizer, images, captions, scenes, world, device, autoc
     return results
 
 
-def fusion_metrics(model, dvae, tokenizer, world, images, captions, mask_ratio, device, autocast):
+def fusion_metrics(model, dvae, tokenizer, world, images, captions, scenes, mask_ratio, device, autocast):
     """Does fusion fuse? With the synthetic world: MMM-text's top-1 on the colour words (even rows) or the
     shape words (odd rows) of held-out captions, all of them masked, counted right when it names the same
     colour or shape (synonyms too); with the image (mmm_attr_acc) and with the blank mean image
-    (mmm_attr_acc_blank): only a model that reads the image can beat the text's own hints. On any pairs:
+    (mmm_attr_acc_blank): only a model that reads the image can beat the text's own hints; and by the scene's
+    number of objects (mmm_attr_acc_1obj, _2obj, ...): one object needs no binding, several need the word bound
+    to the right one (scenes: the pairs' scene graphs). On any pairs:
     the codes of BEiT-masked patches predicted by MMM-image (with the caption) and by MIM (the image alone),
     beside always answering the most frequent code (code_majority_acc)."""
     cfg, n = model.cfg, len(captions)
@@ -165,12 +167,17 @@ def fusion_metrics(model, dvae, tokenizer, world, images, captions, mask_ratio, 
              {tokenizer.index[w]: s for s, ws in world.SHAPE_WORDS.items() for w in ws if w in tokenizer.index}]
     asked = torch.tensor([[t in words[r % 2] for t in row] for r, row in enumerate(ids.tolist())])  # (n, L)
     blank = images.float().mean(0, keepdim=True).round().byte().expand_as(images)  # (n, 3, S, S) the mean image
+    objects = torch.tensor([len(scenes[r]["objects"]) for r, row in enumerate(ids.tolist())
+                            for t in row if t in words[r % 2]])  # (w,) the scene's objects, for each asked word
     for name, pictures in (("mmm_attr_acc", images), ("mmm_attr_acc_blank", blank)):
         said = masked_predictions(model, pictures, ids.masked_fill(asked, tokenizer.mask_id), attn, None, device,
                                   autocast)["mmm_text"]  # (n, L)
-        right = [words[r % 2].get(p) == words[r % 2][t] for r, (row, guess) in enumerate(zip(ids.tolist(), said.tolist()))
-                 for t, p in zip(row, guess) if t in words[r % 2]]
-        results[name] = mean(torch.tensor(right))
+        right = torch.tensor([words[r % 2].get(p) == words[r % 2][t] for r, (row, guess)
+                              in enumerate(zip(ids.tolist(), said.tolist())) for t, p in zip(row, guess)
+                              if t in words[r % 2]])  # (w,)
+        results[name] = mean(right)
+        if pictures is images:  # by the scene's number of objects, with the image
+            results |= {f"mmm_attr_acc_{k}obj": mean(right[objects == k]) for k in range(1, world.max_objects + 1)}
     return results
 
 
@@ -444,7 +451,7 @@ def paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio):
     results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
     if dvae is not None:
         results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
-                       mask_ratio)
+                       scenes, mask_ratio)
     return results, {"images": images, "captions": captions, "sim": sim, "image_of": image_of}, skipped
 
 

@@ -81,6 +81,31 @@ def tokenizer():
     return data.Tokenizer([*data.SPECIALS, *WORLD.vocabulary()])
 
 
+def test_mmm_attr_acc_by_number_of_objects(monkeypatch):
+    """mmm_attr_acc_{k}obj counts the asked words of k-object scenes only: a model that names every masked word of
+    one-object scenes right and every other one wrong scores 1 / 0 / 0, and the overall share of right words."""
+    model, dvae, cfg = tiny_model()
+    images, captions, scenes = E.synthetic_pairs(WORLD, 60)
+    ids, _ = tokenizer().encode(captions, cfg.text_len)  # (n, L) the true words
+    single = torch.tensor([len(s["objects"]) == 1 for s in scenes])  # (n,)
+
+    def predictions(model, images, masked_ids, attn, patch_masked, device, autocast):
+        n, P = len(images), cfg.num_patches
+        said = torch.where(single[:, None], ids, torch.zeros_like(ids))  # right on one-object rows, [PAD] elsewhere
+        return {"mim": torch.zeros(n, P, dtype=torch.long), "mmm_image": torch.zeros(n, P, dtype=torch.long),
+                "mmm_text": said}
+
+    monkeypatch.setattr(E, "masked_predictions", predictions)
+    r = E.fusion_metrics(model, dvae, tokenizer(), WORLD, images, captions, scenes, 0.383, "cpu",
+                         torch.autocast("cpu", enabled=False))
+    kinds = [WORLD.COLOURS, sum(WORLD.SHAPE_WORDS.values(), ())]  # even rows: colours asked; odd rows: shapes
+    asked_ids = [{tokenizer().index[w] for w in kind} for kind in kinds]
+    words = [sum(t in asked_ids[i % 2] for t in row) for i, row in enumerate(ids.tolist())]  # per caption, as cut
+    assert all(k in {len(s["objects"]) for s in scenes} for k in (1, 2, 3))
+    assert (r["mmm_attr_acc_1obj"], r["mmm_attr_acc_2obj"], r["mmm_attr_acc_3obj"]) == (1.0, 0.0, 0.0)
+    assert r["mmm_attr_acc"] == pytest.approx(sum(w for w, s in zip(words, single) if s) / sum(words))
+
+
 def test_masked_inference_keeps_the_right_number_of_patches():
     model, _, cfg = tiny_model()
     outputs, encode = [], model.encode_image
@@ -145,7 +170,7 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path, capsys):
 
 KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "retrieval_images",
         "itm_acc", "itm_auc", "itm_auc_hard", *(f"itm_auc_hard_{k}" for k in ("colour", "shape", "size", "relation")),
-        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
+        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_attr_acc_1obj", "mmm_attr_acc_2obj", "mmm_attr_acc_3obj", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
         "zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1",
         "probe_image_shape", "probe_image_colour", "probe_image_count", "probe_text_count", "probe_text_relation",
         *(f"vqa_{h}{k}" for h in ("multimodal", "image_only", "text_only")
@@ -212,7 +237,8 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     assert set(results) == KEYS
     assert results["retrieval_pairs"] == 24 and results["step"] == 7 and results["skipped_files"] == 0
     assert all(0 <= results[k] <= 1 for k in KEYS if k.startswith(("i2t", "t2i", "zeroshot", "probe", "itm", "mmm",
-                                                                    "mim", "code")))
+                                                                    "mim", "code")) and not k.endswith("obj"))
+    assert all(results[k] is None or 0 <= results[k] <= 1 for k in KEYS if k.endswith("obj"))  # null: no such scene
     for name in ("retrieval.png", "masks.png", "dvae.png", "loss_curves.png"):
         with Image.open(tmp_path / name) as img:
             assert img.width > 100 and img.height > 50
