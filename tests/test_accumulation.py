@@ -8,7 +8,6 @@ over its own rows), must fail the same comparison. Then train.py's flags and its
     python -m pytest tests/test_accumulation.py
 """
 import gc
-from datetime import timedelta
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import losses
 from model import DVAE, FLAVA, ModelConfig
-from test_distributed import CFG, LOSS, N_GLOBAL, SEED, initial_state, max_rel_err, run_ranks, step_batch
+from test_distributed import (CFG, LOSS, N_GLOBAL, SEED, initial_state, join_gloo, max_rel_err, rank_batch,
+                              run_ranks, step_batch)
 
 RUNS = [(source, masked_pass) for source in ("pairs", "images", "texts") for masked_pass in ("joint", "split")
         if source == "pairs" or masked_pass == "joint"]
@@ -92,12 +92,9 @@ class CountingDDP(DDP):
 
 
 def _worker(rank, world, port, state, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    join_gloo(rank, world, port)
     try:
-        n, results = N_GLOBAL // world, {}
-        local = {key: v[rank * n : (rank + 1) * n] for key, v in step_batch().items()}
+        (n, local), results = rank_batch(rank, world), {}
         for source, masked_pass in RUNS:
             for k in MICRO_STEPS:  # real DDP: its no_sync on all but the last micro-step, then its averaging
                 ddp = []

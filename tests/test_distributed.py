@@ -82,10 +82,21 @@ def reference(state):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank, world, port, state, out_path):
+def join_gloo(rank, world, port):
+    """This process as rank `rank` of a `world`-process gloo group on localhost, one thread (ranks share 2 cores)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+
+
+def rank_batch(rank, world):
+    """This rank's contiguous slice of step_batch(), as a DistributedSampler would give it -> (rows, batch)."""
+    n = N_GLOBAL // world
+    return n, {k: v[rank * n : (rank + 1) * n] for k, v in step_batch().items()}
+
+
+def _worker(rank, world, port, state, out_path):
+    join_gloo(rank, world, port)
     try:
         n = N_GLOBAL // world
         local = [t[rank * n : (rank + 1) * n] for t in global_batch()]  # contiguous slice, like a DistributedSampler
@@ -195,12 +206,9 @@ def one_step(state, source, batch):
 
 
 def _step_worker(rank, world, port, state, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    join_gloo(rank, world, port)
     try:
-        n, results = N_GLOBAL // world, {}
-        local = {k: v[rank * n : (rank + 1) * n] for k, v in step_batch().items()}
+        local, results = rank_batch(rank, world)[1], {}
         real_divisors = losses.FLAVALoss._divisors
         for run in ("pairs", "images", "texts", "control"):
             if run == "control":  # the negative control: each rank's masked losses a mean over its own positions
