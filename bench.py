@@ -412,13 +412,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="the ablation runs' seed")
     p.add_argument("--fit", action="store_true", help="the largest micro-batch that fits --gpu_gb (see fit())")
     p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see precision())")
-    p.add_argument("--masked_fraction", type=float, default=None, help="renamed --masked_pass_share")
-    args = p.parse_args(argv)
-    if args.masked_fraction is not None:  # the old name works for one release, as in train.py
-        args.masked_pass_share = args.masked_fraction
-        print("bench.py: --masked_fraction is now --masked_pass_share; the old name works until the next release",
-              file=sys.stderr)
-    return args
+    try:  # a renamed flag's old name works for one release, as in train.py
+        return p.parse_args(train.new_flag_names(sys.argv[1:] if argv is None else argv, "bench.py"))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv=None):

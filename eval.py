@@ -167,8 +167,7 @@ def fusion_metrics(model, dvae, tokenizer, world, images, captions, scenes, mask
              {tokenizer.index[w]: s for s, ws in world.SHAPE_WORDS.items() for w in ws if w in tokenizer.index}]
     asked = torch.tensor([[t in words[r % 2] for t in row] for r, row in enumerate(ids.tolist())])  # (n, L)
     blank = images.float().mean(0, keepdim=True).round().byte().expand_as(images)  # (n, 3, S, S) the mean image
-    objects = torch.tensor([len(scenes[r]["objects"]) for r, row in enumerate(ids.tolist())
-                            for t in row if t in words[r % 2]])  # (w,) the scene's objects, for each asked word
+    objects = torch.tensor([len(s["objects"]) for s in scenes]).repeat_interleave(asked.sum(1))  # (w,) per asked word
     for name, pictures in (("mmm_attr_acc", images), ("mmm_attr_acc_blank", blank)):
         said = masked_predictions(model, pictures, ids.masked_fill(asked, tokenizer.mask_id), attn, None, device,
                                   autocast)["mmm_text"]  # (n, L)

@@ -137,6 +137,21 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def new_flag_names(argv, prog):
+    """argv with each RENAMED flag under its new name, saying so on stderr (train.py and bench.py both call this)."""
+    out = []
+    for arg in map(str, argv):
+        old = arg[2:].split("=")[0] if arg.startswith("--") else None
+        if old in RENAMED:
+            if any(a == f"--{RENAMED[old]}" or a.startswith(f"--{RENAMED[old]}=") for a in map(str, argv)):
+                raise ValueError(f"--{old} is the old name of --{RENAMED[old]}: give only --{RENAMED[old]}")
+            print(f"{prog}: --{old} is now --{RENAMED[old]}; the old name works until the next release",
+                  file=sys.stderr)
+            arg = arg.replace(old, RENAMED[old], 1)
+        out.append(arg)
+    return out
+
+
 def parse_args(argv=None):
     """CLI generated from TrainConfig, ModelConfig and LossConfig. A value comes from the flag if
     given, else from the preset (model fields: PRESETS in model.py; the rest: RECIPES), else from
@@ -152,15 +167,11 @@ def parse_args(argv=None):
             bare = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # a bare --resume means true
             group.add_argument(f"--{f.name}", type=kind, default=None, metavar=type(f.default).__name__.upper(),
                                help=f"{helps.get(f.name, '')} (default: {default})", **bare)
-    for old, new in RENAMED.items():  # an old name keeps working for one release, with a message naming the new
-        parser.add_argument(f"--{old}", dest=f"renamed_{old}", type=float, default=None, help=f"renamed --{new}")
+    try:
+        argv = new_flag_names(sys.argv[1:] if argv is None else argv, "train.py")
+    except ValueError as e:
+        parser.error(str(e))
     args = vars(parser.parse_args(argv))  # an unknown flag exits here (status 2), naming it
-    for old, new in RENAMED.items():
-        if (value := args.pop(f"renamed_{old}")) is not None:
-            if args[new] is not None:
-                parser.error(f"--{old} is the old name of --{new}: give only --{new}")
-            args[new] = value
-            print(f"train.py: --{old} is now --{new}; the old name works until the next release", file=sys.stderr)
     given = {k: v for k, v in args.items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
     if preset not in RECIPES:
