@@ -6,7 +6,7 @@ a shuffled order, so a noisy machine slows them alike; a ratio is the median of 
 Cases: the contrastive pass alone at FLIP keep ratios (arXiv 2212.00794 §3), the full paired FLAVA
 step (arXiv 2112.04482 §3.2) at keep 1.0 / 0.5, the image-only (MIM) and text-only (MLM) steps, and
 with --peer the same three steps of Hugging Face's FlavaForPreTraining at an equal config. Memory is
-measured in a fresh process per case. MFU: model FLOPs (model.flops_per_sample) over the GPU's peak.
+measured in a fresh process per case. MFU: model FLOPs (flops.flops_per_sample) over the GPU's peak.
 
     python bench.py --preset small --batch 32 --threads 1 --peer         # CPU: the README table
     python bench.py --preset base --device cuda --batch max [--compile]  # GPU: largest batch, MFU
@@ -31,6 +31,7 @@ from dataclasses import asdict, fields, replace
 import torch
 from tqdm import tqdm
 
+import flops
 import losses
 import masking
 import model as M
@@ -65,14 +66,11 @@ def make_batch(cfg, B, device, seed=0):
 
 
 def case_flops(cfg, case, keep, masked_pass_share=1.0):
-    """Training FLOPs per sample (3 x forward). The contrastive pass: the image tower, the text tower
-    and both projections at keep 1.0; what dropping saves is what model.flops_per_sample says it saves."""
+    """Training FLOPs per sample (3 x forward): flops.py's count of the step, or of the contrastive pass alone."""
     case = "pairs" if case == "accum" else case  # the same model FLOPs: the extra forward is overhead
     if case != "contrastive":
-        return M.flops_per_sample(cfg, case, keep, masked_pass_share=masked_pass_share)
-    full = M._stem_flops(cfg) + M._encoder_flops(cfg, cfg.image_layers, 1 + cfg.num_patches)
-    full += M._encoder_flops(cfg, cfg.text_layers, cfg.text_len) + 2 * 2 * cfg.width * cfg.embed_dim
-    return 3 * full + M.flops_per_sample(cfg, "pairs", keep) - M.flops_per_sample(cfg, "pairs", 1.0)
+        return flops.flops_per_sample(cfg, case, keep, masked_pass_share=masked_pass_share)
+    return flops.contrastive_flops(cfg, keep)
 
 
 class Runner:
@@ -104,8 +102,8 @@ class Ours(Runner):
         self.loss_cfgs = {}  # one LossConfig per keep ratio, reused (a compiled step guards on it); the full
         # FLAVA step runs the masked pass on the whole batch (masked_pass_share 1.0), as Hugging Face's does
         self.masked_pass_share = masked_pass_share
-        dvae = M.DVAE(cfg).to(device)
-        self.objective = losses.FLAVALoss(self.model, dvae, self.loss_config(1.0), MASK_ID, SPECIAL_IDS)
+        image_tokenizer = M.KMeansTokenizer(cfg).to(device)
+        self.objective = losses.FLAVALoss(self.model, image_tokenizer, self.loss_config(1.0), MASK_ID, SPECIAL_IDS)
         self.full, self.contrastive = self.objective, self._contrastive
         if compile:
             self.full, self.contrastive = losses.compile_step(self.objective), losses.compile_step(self._contrastive)
@@ -140,7 +138,7 @@ class Peer(Runner):
     """Hugging Face's FlavaForPreTraining from a config equal to ours (random weights, no hub, no
     codebook). It is handed precomputed targets: codebook indices as `mim_labels` (its DALL-E
     codebook never runs), the BEiT mask, MLM-masked ids and labels, ITM labels. Ours draws all of
-    those and runs its dVAE inside the timed step."""
+    those and runs its image tokenizer (a codebook) inside the timed step."""
     name = "HF"
 
     def __init__(self, cfg, device, dtype):
@@ -274,13 +272,13 @@ def ablate(args):
         results[row] = train_and_eval(os.path.join(root, f"row{i}"), [*flags, *seed, *steps], processes)
     default = os.path.join(root, "row2")
     budget = ms_per_step(default) * results[ABLATIONS[2][0]]["step"]  # the default row's training time, ms
-    dvae = ["--dvae_ckpt", os.path.join(default, "dvae.pt")]  # the same tokenizer: only the masking differs
+    image_tokenizer = ["--image_tokenizer_ckpt", os.path.join(default, "image_tokenizer.pt")]  # the same tokenizer: only the masking differs
     speed = {1.0: ms_per_step(default)}
     for keep in sorted({k for k, _ in FLIP_ROWS}):
         probe_dir = os.path.join(root, f"speed{keep}")
         if not os.path.exists(os.path.join(probe_dir, "log.jsonl")):  # measured once, also when the ablation resumes
             subprocess.run([sys.executable, "train.py", "--out_dir", probe_dir, "--keep_ratio", str(keep), "--steps",
-                            "60", "--warmup", "10", "--log_every", "20", "--eval", "false", *dvae, *seed], check=True,
+                            "60", "--warmup", "10", "--log_every", "20", "--eval", "false", *image_tokenizer, *seed], check=True,
                            stdout=subprocess.DEVNULL)
         speed[keep] = ms_per_step(probe_dir)
     for keep, tuned in tqdm(FLIP_ROWS, desc="FLIP rows"):
@@ -289,7 +287,7 @@ def ablate(args):
         row = f"FLIP keep {keep:g}, {n} steps{f' + {tune} unmasked' if tuned else ''} (equal time)"
         results[row] = train_and_eval(os.path.join(root, f"flip{keep}{'t' if tuned else ''}"),
                                       ["--keep_ratio", str(keep), "--steps", str(n), "--unmasked_steps", str(tune),
-                                       *dvae, *seed])
+                                       *image_tokenizer, *seed])
     print(f"\nseed {args.seed}; training time of each FLIP row: {budget / 1e3:.0f} s; ms/step by keep ratio: "
           + ", ".join(f"{k:g}: {v:.0f}" for k, v in speed.items()))
     print("\n| run | " + " | ".join(COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|")
@@ -371,7 +369,7 @@ def precision(args):
     for dtype in ("fp16", "bf16"):
         out = os.path.join(args.ablate_dir, f"precision_{dtype}")
         subprocess.run([sys.executable, "train.py", "--preset", args.preset, "--dtype", dtype, "--out_dir", out,
-                        "--steps", str(args.precision_steps), "--dvae_steps", "50", "--log_every", "1", "--eval",
+                        "--steps", str(args.precision_steps), "--image_tokenizer_steps", "50", "--log_every", "1", "--eval",
                         "false", "--seed", str(args.seed)], check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(out, "log.jsonl")) as f:
             runs[dtype] = [r for r in map(json.loads, f) if r.get("stage") == "joint"]

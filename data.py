@@ -5,7 +5,7 @@ text alone (0.70 / 0.15 / 0.15). Each source exists twice here: in an embedded s
 (captioned scenes of coloured shapes, deterministic, no downloads) and as files on disk (a JSONL/CSV
 manifest of pairs, an image folder tree, a text file), pairs also as web-scale tar shards, streamed.
 Images come out as uint8 (3, H, W): the model normalises them (with CLIP's statistics) and the step computes
-its dVAE targets itself. Transforms follow FLAVA's public code: random-resized crop, scale (0.9, 1.0),
+its image-tokenizer targets itself. Transforms follow FLAVA's public code: random-resized crop, scale (0.9, 1.0),
 for training; resize + centre crop for eval.
 
     python data.py                      # draws 64 scenes to shapes_world.png and prints captions

@@ -9,7 +9,7 @@ FLAVA (arXiv 2112.04482) §4 claims one model good at three kinds of task. The s
 - multimodal: a linear head on frozen [CLS_M] for VQA generated from the scene graphs (only the head trains),
   beside an image-only and a text-only head, so that the gain from fusion shows; ITM accuracy;
 - FLIP's (arXiv 2212.00794) Table 1d question: zero-shot accuracy with 0 / 50 / 75% of the patches dropped;
-- the dVAE's health: reconstruction error, codebook perplexity, share of codes used; and figures (PIL).
+- the image tokenizer's health: reconstruction error, codebook perplexity, share of codes used; and figures (PIL).
 Held out = the val split of the checkpoint's own synthetic world (its seed, its held-out combinations), in
 disjoint index ranges per task, or files given on the command line, which replace the synthetic data of the
 tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation set.
@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 import data
 import masking
 from losses import codebook_stats
-from model import load_checkpoint, models_from_checkpoint, pretrained_checkpoint
+import checkpoints
+import pretrained
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
 DROPS = (50, 75)  # % of patches dropped at inference, beside 0% (FLIP Table 1d)
@@ -144,7 +145,7 @@ def itm_metrics(model, tokenizer, images, captions, scenes, world, device, autoc
     return results
 
 
-def fusion_metrics(model, dvae, tokenizer, world, images, captions, scenes, mask_ratio, device, autocast):
+def fusion_metrics(model, image_tokenizer, tokenizer, world, images, captions, scenes, mask_ratio, device, autocast):
     """Does fusion fuse? With the synthetic world: MMM-text's top-1 on the colour words (even rows) or the
     shape words (odd rows) of held-out captions, all of them masked, counted right when it names the same
     colour or shape (synonyms too); with the image (mmm_attr_acc) and with the blank mean image
@@ -157,7 +158,7 @@ def fusion_metrics(model, dvae, tokenizer, world, images, captions, scenes, mask
     ids, attn = tokenizer.encode(captions, cfg.text_len)  # (n, L)
     gen = torch.Generator().manual_seed(0)
     hidden = masking.block_mask(n, cfg.grid, max(1, round(mask_ratio * cfg.num_patches)), generator=gen)  # (n, P)
-    codes = dvae.codebook_indices(images.to(device).float() / 255).cpu()[hidden]  # (n_hidden,)
+    codes = image_tokenizer.codebook_indices(images.to(device).float() / 255).cpu()[hidden]  # (n_hidden,)
     pred = masked_predictions(model, images, ids, attn, hidden, device, autocast)
     results = {"mmm_image_acc": mean(pred["mmm_image"][hidden] == codes), "mim_acc": mean(pred["mim"][hidden] == codes),
                "code_majority_acc": codes.bincount().max().item() / len(codes)}
@@ -397,10 +398,10 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, per_clas
     return results
 
 
-def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
+def evaluate(model, image_tokenizer, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
              pairs=None, classes=None, texts=None, prompts=data.PROMPTS, mask_ratio=0.383):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
-    replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the dVAE
+    replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the image tokenizer
     check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
     (data.TextFile of 'label<TAB>text') a language probe. The rest runs when the checkpoint has a world."""
     model.eval()
@@ -410,7 +411,7 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
 
     results, shown, skipped = {}, {}, 0
     if pairs is not None or world is not None:  # with neither (e.g. only --classes): no paired task
-        results, shown, skipped = paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio)
+        results, shown, skipped = paired_tasks(run, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio)
     if classes is not None:
         found, skipped_images, zs_images = file_classification(run, tokenizer, classes, prompts, n_probe)
         results, skipped = results | found, skipped + skipped_images
@@ -427,12 +428,12 @@ def evaluate(model, dvae, tokenizer, world, device, autocast, n_pairs=1000, per_
         results |= synthetic_probes(run, tokenizer, world, n_probe)
     # ---- the image tokenizer: reconstruction from the hard codes beside the mean image, code use ------------
     if "images" in shown:
-        results |= tokenizer_health(dvae, shown["images"].to(device).float() / 255, model.cfg.codebook_size)
+        results |= tokenizer_health(image_tokenizer, shown["images"].to(device).float() / 255, model.cfg.codebook_size)
     results["skipped_files"] = skipped
     return results, shown
 
 
-def paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio):
+def paired_tasks(run, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio):
     """Retrieval, ITM and the fusion's masked predictions on held-out pairs (files, or the world's val scenes)
     -> (results, shown, skipped files)."""
     skipped, scenes = 0, []
@@ -448,8 +449,8 @@ def paired_tasks(run, dvae, tokenizer, world, pairs, n_pairs, mask_ratio):
     first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
     one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
     results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
-    if dvae is not None:
-        results |= run(fusion_metrics, dvae, tokenizer, None if pairs is not None else world, images, one_each,
+    if image_tokenizer is not None:
+        results |= run(fusion_metrics, image_tokenizer, tokenizer, None if pairs is not None else world, images, one_each,
                        scenes, mask_ratio)
     return results, {"images": images, "captions": captions, "sim": sim, "image_of": image_of}, skipped
 
@@ -510,20 +511,20 @@ def vqa_heads(run, tokenizer, scene_images, cls_i, rows, split):
     return results
 
 
-def tokenizer_health(dvae, x, codebook_size):
+def tokenizer_health(image_tokenizer, x, codebook_size):
     """The image tokenizer on images x (n, 3, S, S) in [0, 1]: hard-code reconstruction error (when it has a
     decoder: DALL-E's published encoder has none), codebook perplexity and share of codes used."""
-    if dvae is None:
+    if image_tokenizer is None:
         print("no image tokenizer in this checkpoint: no codebook statistics")
         return {}
-    codes = dvae.codebook_indices(x)  # (n, P)
+    codes = image_tokenizer.codebook_indices(x)  # (n, P)
     stats, results = codebook_stats(codes, codebook_size), {}
-    if hasattr(dvae, "decode_indices"):  # the error of the hard codes beside that of always drawing the mean image
-        results["dvae_recon_mse"] = F.mse_loss(dvae.decode_indices(codes), x).item()
-        results["dvae_mean_image_mse"] = F.mse_loss(x.mean(0, keepdim=True).expand_as(x), x).item()
+    if hasattr(image_tokenizer, "decode_indices"):  # the error of the hard codes beside that of always drawing the mean image
+        results["codebook_recon_mse"] = F.mse_loss(image_tokenizer.decode_indices(codes), x).item()
+        results["codebook_mean_image_mse"] = F.mse_loss(x.mean(0, keepdim=True).expand_as(x), x).item()
     else:
         print("the image tokenizer (DALL-E's encoder, as published) has no decoder: no reconstruction error")
-    return {**results, "dvae_perplexity": stats["perplexity"], "dvae_codes_used": stats["used"]}
+    return {**results, "codebook_perplexity": stats["perplexity"], "codebook_codes_used": stats["used"]}
 
 # ---------------------------------------------------------------------------------------------
 # Pictures (PIL only)
@@ -583,8 +584,8 @@ def loss_curves(log_path, W=280, H=150, m=28):
 
 
 @torch.no_grad()
-def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, device="cpu"):
-    """retrieval.png, masks.png, dvae.png and (with a log) loss_curves.png in out_dir -> their paths."""
+def write_figures(out_dir, model, image_tokenizer, shown, log_path="", mask_ratio=0.383, device="cpu"):
+    """retrieval.png, masks.png, image_tokenizer.png and (with a log) loss_curves.png in out_dir -> their paths."""
     images, cfg, figures = shown["images"], model.cfg, {}
     if "sim" in shown:  # text -> image retrieval: captions beside their top-5 images, the true one framed green
         captions, sim, true = shown["captions"], shown["sim"], shown["image_of"].tolist()
@@ -602,14 +603,14 @@ def write_figures(out_dir, model, dvae, shown, log_path="", mask_ratio=0.383, de
         dropped[masking.random_keep(1, cfg.num_patches, 0.5, generator=gen)[0]] = False  # (P,) True = dropped
         shows += [image, hide(image, masked, cfg.patch_size, (128,) * 3), hide(image, dropped, cfg.patch_size, (0,) * 3)]
     figures["masks.png"] = tiles(torch.stack(shows), 3, scale=3, title="input | BEiT block mask | FLIP 50% drop")
-    # dVAE: inputs above their reconstructions from the hard codes
-    if hasattr(dvae, "decode_indices"):
+    # the image tokenizer: inputs above their reconstructions from the hard codes
+    if hasattr(image_tokenizer, "decode_indices"):
         x = images[:8].to(device).float() / 255  # (8, 3, S, S)
-        recon = (dvae.decode_indices(dvae.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
-        figures["dvae.png"] = tiles(torch.cat([images[:8], recon]), len(x),
-                                    title="inputs, and their dVAE reconstructions")
+        recon = (image_tokenizer.decode_indices(image_tokenizer.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
+        figures["image_tokenizer.png"] = tiles(torch.cat([images[:8], recon]), len(x),
+                                    title="inputs, and their image-tokenizer reconstructions")
     else:
-        print("dvae.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
+        print("image_tokenizer.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
     figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
     figures = {os.path.join(out_dir, name): picture for name, picture in figures.items() if picture is not None}
     for path, picture in figures.items():
@@ -650,10 +651,10 @@ def parse_args(argv=None):
 
 def open_inputs(args, device):
     """Every input opened, or refused with one line naming the path and what was expected (exit status 2, as
-    argparse), before any compute -> (checkpoint, model, tokenizer, dVAE, world, pairs, classes, texts, prompts)."""
+    argparse), before any compute -> (checkpoint, model, tokenizer, image tokenizer, world, pairs, classes, texts, prompts)."""
     try:
-        ckpt = pretrained_checkpoint(args.hf) if args.hf else load_checkpoint(args.ckpt)
-        model, dvae = models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
+        ckpt = pretrained.pretrained_checkpoint(args.hf) if args.hf else checkpoints.load_checkpoint(args.ckpt)
+        model, image_tokenizer = checkpoints.models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
         tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
         S, L = model.cfg.image_size, model.cfg.text_len
         files = train_cfg.get("pairs") or train_cfg.get("shards")  # trained on files, or published: real data
@@ -669,7 +670,7 @@ def open_inputs(args, device):
     except (FileNotFoundError, ValueError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    return ckpt, model, tokenizer, dvae, world, pairs, classes, texts, prompts
+    return ckpt, model, tokenizer, image_tokenizer, world, pairs, classes, texts, prompts
 
 
 def main(argv=None):
@@ -682,14 +683,14 @@ def main(argv=None):
         raise SystemExit(f"eval.py: {e}") from None
     dtype = resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with native bf16
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # the probe heads: fp32
-    ckpt, model, tokenizer, dvae, world, pairs, classes, texts, prompts = open_inputs(args, device)
+    ckpt, model, tokenizer, image_tokenizer, world, pairs, classes, texts, prompts = open_inputs(args, device)
     mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
-    results, shown = evaluate(model, dvae, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
+    results, shown = evaluate(model, image_tokenizer, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts, prompts, mask_ratio)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
     os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
     log = os.path.join(ckpt_dir, "log.jsonl") if ckpt_dir else ""
-    figures = [] if args.skip_figures else write_figures(out_dir, model, dvae, shown, log, mask_ratio, device)
+    figures = [] if args.skip_figures else write_figures(out_dir, model, image_tokenizer, shown, log, mask_ratio, device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")
     try:  # the training run's own timings, written there by train.py, stay beside the suite's figures

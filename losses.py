@@ -3,7 +3,7 @@
 FLAVA (arXiv 2112.04482) §3.2 trains image-text pairs with three multimodal objectives,
 - global contrastive (GC): CLIP's InfoNCE (arXiv 2103.00020) whose all_gather passes gradients
   back to *every* rank, where CLIP only back-propagates the local part;
-- masked multimodal modeling (MMM): predict the dVAE code of each masked patch and the word of
+- masked multimodal modeling (MMM): predict the image tokenizer code of each masked patch and the word of
   each masked token from the multimodal encoder;
 - image-text matching (ITM): say from [CLS_M] whether image and caption belong together;
 and §3.3 adds the unimodal MIM (image-only batches) and MLM (text-only batches). FLIP (arXiv
@@ -190,7 +190,7 @@ def compile_step(step):
 class FLAVALoss(nn.Module):
     """The FLAVA step as one module, so DistributedDataParallel sees a single forward.
 
-    Holds the model (trained) and the frozen dVAE (whose codes are the image targets). Images
+    Holds the model (trained) and the frozen image tokenizer (whose codes are the image targets). Images
     arrive as uint8 (B, 3, S, S), text as ids and an attention mask (B, L); `seed` makes every
     random choice of the step (masks, kept patches, ITM swaps) a pure function of it, so a
     resumed run draws exactly what an uninterrupted one would have.
@@ -198,9 +198,9 @@ class FLAVALoss(nn.Module):
     forward = draw (every random choice, eager) then step (the computation: `images`, `texts` or `pairs`,
     compiled by --compile; compile_step says why the two are apart)."""
 
-    def __init__(self, model, dvae, cfg: LossConfig, mask_id: int, special_ids):
+    def __init__(self, model, image_tokenizer, cfg: LossConfig, mask_id: int, special_ids):
         super().__init__()
-        self.model, self.dvae, self.cfg = model, dvae.requires_grad_(False).eval(), cfg
+        self.model, self.image_tokenizer, self.cfg = model, image_tokenizer.requires_grad_(False).eval(), cfg
         self.mask_id, self.special_ids = mask_id, tuple(special_ids)
         mcfg = model.cfg
         self.n_masked = max(1, round(cfg.mask_ratio * mcfg.num_patches))  # BEiT target per image
@@ -282,8 +282,8 @@ class FLAVALoss(nn.Module):
     # -- image-only batch: MIM (FLAVA §3.3, BEiT) ---------------------------------------------
 
     def images(self, images_u8, patch_masked, divisor):
-        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the dVAE's input too
-        codes = self.dvae.codebook_indices(images)  # dVAE codes of the *unmasked* image (B, P)
+        images = images_u8.float() / 255  # (B, 3, S, S) in [0, 1], the image tokenizer's input too
+        codes = self.image_tokenizer.codebook_indices(images)  # image-tokenizer codes of the *unmasked* image (B, P)
         out = self.model.encode_image(images, patch_masked=patch_masked).out  # (B, N, D), patch_masked (B, P)
         labels = torch.where(patch_masked, codes, IGNORE_INDEX)  # (B, P): predict codes where hidden
         return {"mim": masked_prediction(self.model.mim_head, out[:, 1:], labels, self.n_masked, divisor)}
@@ -357,7 +357,7 @@ class FLAVALoss(nn.Module):
         # and ITM on its [CLS_M], as ALBEF's MLM and ITM read whole images), the masked image meets the
         # contrastive pass's states of its own whole caption (MMM-image). One more fusion pass than FLAVA's.
         rows, swap, patch_masked = draws["rows"], draws["swap"], draws["patch_masked"]  # (n,), (n,), (n, P)
-        codes = self.dvae.codebook_indices(images[rows])  # (n, P) the targets of the masked patches
+        codes = self.image_tokenizer.codebook_indices(images[rows])  # (n, P) the targets of the masked patches
         unmasked = None  # "joint": FLAVA's one fusion of both masked inputs
         if c.masked_pass == "split":  # the same pairs unmasked: the contrastive pass's states
             unmasked = (whole.image.hidden[rows], whole.text.hidden[rows], attn[rows])  # (n, N, D), (n, L, D), (n, L)

@@ -1,32 +1,27 @@
-"""The networks of FLAVA: three ViT-style encoders, their heads, and a tiny dVAE.
+"""The networks of FLAVA: three ViT-style encoders, their heads, and the image tokenizer.
 
 FLAVA (Singh et al., arXiv 2112.04482) §3.1: an image encoder (ViT), a text encoder with *the same*
 architecture over word pieces, and a multimodal encoder that fuses the two through learned
-projections and its own [CLS_M] token. Every masked-prediction target of the images comes from a
-discrete VAE (DALL-E, arXiv 2102.12092; used by BEiT, arXiv 2106.08254). FLIP (Li et al., arXiv
-2212.00794) adds one thing here: the image encoder can drop patches, so the contrastive pass
-only pays for the patches it keeps.
+projections and its own [CLS_M] token. The masked-image targets are the codes of an image tokenizer:
+FLAVA takes DALL-E's discrete VAE (arXiv 2102.12092; as BEiT, arXiv 2106.08254), nanoFLAVA learns a
+patch quantiser by k-means (or loads DALL-E's encoder: pretrained.py). FLIP (Li et al., arXiv
+2212.00794) adds one thing here: the image encoder can drop patches, so the contrastive pass only
+pays for the patches it keeps.
 
-This file runs from small parts to large ones: config -> attention, MLP, block -> encoders ->
-heads -> FLAVA -> dVAE (and DALL-E's encoder, FLAVA's published image tokenizer) -> FLOPs ->
-checkpoints -> the published weights (`FLAVA.from_pretrained`, `python model.py convert`). What is
-*hidden* lives in masking.py, what is *learned* in losses.py. Exercise it with `python -m pytest
-tests/test_model.py tests/test_pretrained.py`.
+This file runs from small parts to large ones: config -> attention, MLP, block -> encoders -> heads
+-> FLAVA -> the image tokenizer -> presets. What is *hidden* lives in masking.py, what is *learned*
+in losses.py; the published weights (import, export, DALL-E's encoder) in pretrained.py, FLOP counts
+in flops.py, checkpoint files in checkpoints.py. Exercise it with `python -m pytest tests/test_model.py`.
 
 Shape legend (used in every shape comment):
     B batch, P image patches (grid G x G), N = 1 + P image tokens (or 1 + K with FLIP keeping K),
     L text tokens, M = 1 + N + L multimodal tokens, D width, H heads, Dh = D / H head width,
-    E contrastive embedding width, V text vocabulary, C dVAE codebook size (MIM vocabulary).
+    E contrastive embedding width, V text vocabulary, C image-tokenizer codebook size (MIM vocabulary).
 Mask polarity: `*_masked` / `*_drop` are True where a token is hidden; `*_attn_mask` is True
 where a token is real and may be attended (the convention of F.scaled_dot_product_attention).
 """
-import json
 import math
-import os
-import re
-import zipfile
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -43,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class ModelConfig:
     image_size: int = 64  # input resolution (square); must be divisible by patch_size
-    patch_size: int = 8  # ViT patch side; one dVAE code per patch
+    patch_size: int = 8  # ViT patch side; one image-tokenizer code per patch
     stem: str = "conv"  # "linear": one Conv2d(k=p, s=p) (the paper); "conv": a small patch-local conv stem
     width: int = 128  # D, shared by all three encoders (FLAVA uses 768 everywhere)
     heads: int = 4  # H; width must be divisible by heads
@@ -56,7 +51,7 @@ class ModelConfig:
     embed_dim: int = 128  # E: contrastive embedding width (paper: 512; public code: 768)
     image_pool: str = "cls"  # contrastive image feature: "cls" = [CLS_I] (FLAVA), "mean" = mean of patch tokens (FLIP)
     codebook_size: int = 256  # C: image tokenizer codes = MIM / MMM-image vocabulary (DALL-E: 8192)
-    image_tokenizer: str = "dvae"  # MIM targets from "dvae" (the tiny dVAE of stage 1) or "dalle" (FLAVA's published)
+    image_tokenizer: str = "kmeans"  # MIM targets: "kmeans" (KMeansTokenizer, stage 1) or "dalle" (FLAVA's published)
     dalle_hidden: int = 256  # width of DALL-E's encoder (the published codebook: 256)
     dalle_blocks: int = 2  # residual blocks per group of DALL-E's encoder (the published codebook: 2)
     attn: str = "auto"  # "sdpa": F.scaled_dot_product_attention; "manual": explicit softmax; "auto": see Attention
@@ -78,8 +73,8 @@ class ModelConfig:
             problems.append(f"image_pool={self.image_pool!r} must be 'cls' or 'mean'")
         if self.attn not in ("auto", "sdpa", "manual"):
             problems.append(f"attn={self.attn!r} must be 'auto', 'sdpa' or 'manual'")
-        if self.image_tokenizer not in ("dvae", "dalle"):
-            problems.append(f"image_tokenizer={self.image_tokenizer!r} must be 'dvae' or 'dalle'")
+        if self.image_tokenizer not in ("kmeans", "dalle"):
+            problems.append(f"image_tokenizer={self.image_tokenizer!r} must be 'kmeans' or 'dalle'")
         for name in ("image_layers", "text_layers", "mm_layers", "width", "heads", "vocab_size", "text_len",
                      "embed_dim", "codebook_size", "dalle_hidden", "dalle_blocks"):
             if getattr(self, name) < 1:
@@ -107,19 +102,6 @@ class ModelConfig:
             raise ValueError(f"ModelConfig has no field(s) {bad}")
         return cls(**{**PRESETS[name], **overrides})
 
-
-# Presets are plain dicts of ModelConfig fields. `tiny` trains the whole pipeline on a 2-core CPU
-# in minutes; `small` has a ViT-S/16 image encoder and, as in FLIP (Table 9), a lighter text tower
-# (where compute, not overhead, dominates a CPU step: the benchmark's FLIP preset); `base` is the
-# paper's ViT-B/16 with 12 text layers, a 6-layer multimodal encoder and DALL-E's 8192 codes.
-PRESETS = {
-    "tiny": dict(),
-    "tiny_long": dict(),  # the same model, a longer recipe (train.py RECIPES)
-    "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
-                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192, vocab_size=30522),
-    "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
-                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192, vocab_size=30522),
-}
 
 # ---------------------------------------------------------------------------------------------
 # Transformer parts: attention, MLP, pre-LN block, encoder stack
@@ -248,7 +230,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ImageEncoder(nn.Module):
     """ViT over patches with [CLS_I] and learned positions; BEiT masking and FLIP dropping.
-    Takes pixels in [0, 1] (the dVAE's input too) and normalises them itself."""
+    Takes pixels in [0, 1] (the image tokenizer's input too) and normalises them itself."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -474,20 +456,13 @@ class FLAVA(nn.Module):
     def clamp_logit_scale_(self):  # after each optimizer step, as CLIP / open_clip do
         self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
-    @classmethod
-    def from_pretrained(cls, path, **overrides) -> "FLAVA":
-        """Hugging Face's FLAVA (a folder like facebook/flava-full: config.json and pytorch_model.bin or
-        model.safetensors) in nanoFLAVA's names; overrides are ModelConfig fields (image_size, text_len, ...).
-        As nanoGPT's GPT.from_pretrained; the mapping is in the "Published weights" section below."""
-        return _flava_from_hf(cls, path, overrides)
-
 
 # ---------------------------------------------------------------------------------------------
-# The image tokenizer ("dVAE"): its codebook indices are the targets of MIM and MMM-image
+# The image tokenizer: its codes are the targets of MIM and MMM-image
 # ---------------------------------------------------------------------------------------------
 
 
-class DVAE(nn.Module):
+class KMeansTokenizer(nn.Module):
     """Turns each patch into one of C discrete codes, the labels MIM and MMM-image predict.
 
     FLAVA and BEiT take these codes from DALL-E's discrete VAE (arXiv 2102.12092 §2.1), trained for
@@ -497,7 +472,7 @@ class DVAE(nn.Module):
     argmax sits on a handful of codes (measured: 7% of 256 codes in use, reconstructions worse than
     the mean image), and a conv autoencoder does not learn to draw in the seconds stage 1 has.
 
-    So the tokenizer here is the vector quantiser at the heart of a VQ-VAE (van den Oord et al.,
+    So the image tokenizer here is the vector quantiser at the heart of a VQ-VAE (van den Oord et al.,
     arXiv 1711.00937), with the identity as encoder and decoder: a patch's code is its nearest
     codebook vector in pixel space, and decoding a code pastes that vector back. VQ-VAE's EMA
     codebook update (its App. A.1) is mini-batch k-means (Sculley 2010), which is how stage 1
@@ -593,420 +568,24 @@ def _distributed() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLAVA's published image tokenizer: DALL-E's dVAE encoder (its codebook is FLAVA's MIM vocabulary)
+# Presets
 # ---------------------------------------------------------------------------------------------
 
-
-class DalleBlock(nn.Module):
-    """DALL-E's encoder block (arXiv 2102.12092 App. A.2): an identity path (a 1x1 conv where the width
-    changes) plus a residual path ReLU-conv3-ReLU-conv3-ReLU-conv3-ReLU-conv1 at a quarter of the width,
-    scaled by the post-gain 1 / (number of blocks)**2 so that the residuals' sum starts small."""
-
-    def __init__(self, c_in: int, c_out: int, n_blocks: int):
-        super().__init__()
-        h = c_out // 4
-        self.id_path = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.res_path = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, h, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(h, h, 3, padding=1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1),
-                                      nn.ReLU(), nn.Conv2d(h, c_out, 1))
-        self.post_gain = 1 / n_blocks**2
-
-    def forward(self, x):
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+# Presets are plain dicts of ModelConfig fields. `tiny` trains the whole pipeline on a 2-core CPU
+# in minutes; `small` has a ViT-S/16 image encoder and, as in FLIP (Table 9), a lighter text tower
+# (where compute, not overhead, dominates a CPU step: the benchmark's FLIP preset); `base` is the
+# paper's ViT-B/16 with 12 text layers, a 6-layer multimodal encoder and DALL-E's 8192 codes.
+PRESETS = {
+    "tiny": dict(),
+    "tiny_long": dict(),  # the same model, a longer recipe (train.py RECIPES)
+    "small": dict(image_size=224, patch_size=16, stem="linear", width=384, heads=6, image_layers=12,
+                  text_layers=6, mm_layers=3, text_len=32, embed_dim=384, codebook_size=8192, vocab_size=30522),
+    "base": dict(image_size=224, patch_size=16, stem="linear", width=768, heads=12, image_layers=12,
+                 text_layers=12, mm_layers=6, text_len=77, embed_dim=768, codebook_size=8192, vocab_size=30522),
+}
 
 
-class DalleEncoder(nn.Module):
-    """FLAVA's image tokenizer as published (facebook/flava-image-codebook): DALL-E's encoder, frozen, no
-    decoder. A 7x7 conv, four groups of blocks at widths h, 2h, 4h, 8h with a 2x max-pool after each of the
-    first three, ReLU, a 1x1 conv to codebook logits. It downsamples by 8, so it reads the model's image
-    resized to 8 pixels a patch (112 px for FLAVA's 224 px and 14 x 14 patches), mapped from [0, 1] to
-    [0.1, 0.9] as DALL-E's logit-Laplace pixels are. The same interface as DVAE.codebook_indices."""
+if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt: the published FLAVA (see pretrained.py)
+    import pretrained
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        h, n, self.side = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
-        widths = (h, h, 2 * h, 4 * h, 8 * h)
-        self.input = nn.Conv2d(3, h, 7, padding=3)
-        self.groups = nn.ModuleList(  # group g: its first block widens widths[g] -> widths[g + 1]
-            nn.Sequential(*(DalleBlock(widths[g + (b > 0)], widths[g + 1], 4 * n) for b in range(n))) for g in range(4))
-        self.output = nn.Conv2d(8 * h, cfg.codebook_size, 1)
-
-    def forward(self, pixels):
-        """pixels (B, 3, 8G, 8G) in [0.1, 0.9] -> codebook logits (B, C, G, G)."""
-        x = self.input(pixels)  # (B, h, 8G, 8G)
-        for g, group in enumerate(self.groups):
-            x = group(x)
-            x = F.max_pool2d(x, 2) if g < 3 else x  # 8G -> 4G -> 2G -> G
-        return self.output(F.relu(x))  # (B, C, G, G)
-
-    @torch.no_grad()
-    def codebook_indices(self, images01):
-        """images01 (B, 3, S, S) in [0, 1] -> codes (B, P) long, row-major like the patches. In fp32 and
-        outside autocast: an argmax over 8192 logits in reduced precision flips near-ties."""
-        with torch.autocast(images01.device.type, enabled=False):
-            x = images01.float()
-            if x.size(-1) != self.side:  # 224 -> 112 px for FLAVA (Hugging Face resizes the original, Lanczos)
-                x = F.interpolate(x, size=(self.side, self.side), mode="bicubic", antialias=True).clamp(0, 1)
-            return self(0.8 * x + 0.1).argmax(dim=1).flatten(1)  # (B, 3, 8G, 8G) -> (B, P)
-
-    @classmethod
-    def from_pretrained(cls, path, cfg: ModelConfig) -> "DalleEncoder":
-        """From flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
-        state = _codebook_state(path)
-        if not state:
-            raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
-        encoder = cls(cfg)
-        load_state(encoder, state, f"{path} image codebook")
-        return encoder.requires_grad_(False).eval()
-
-
-def image_tokenizer_for(cfg: ModelConfig) -> nn.Module:
-    """The module whose codebook_indices are the MIM and MMM-image targets: the dVAE or DALL-E's encoder."""
-    return DalleEncoder(cfg) if cfg.image_tokenizer == "dalle" else DVAE(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs per sample (for MFU): matmul FLOPs, 2 per multiply-accumulate, training = 3x forward
-# ---------------------------------------------------------------------------------------------
-
-
-def _encoder_flops(cfg: ModelConfig, depth: int, tokens: int) -> float:
-    D, T = cfg.width, tokens
-    per_layer = 2 * T * (3 * D * D + D * D + 2 * cfg.mlp_ratio * D * D)  # qkv, proj, MLP
-    per_layer += 2 * 2 * T * T * D  # q @ k^T and att @ v
-    return depth * per_layer
-
-
-def _stem_flops(cfg: ModelConfig) -> float:
-    if cfg.stem == "linear":
-        return 2 * cfg.num_patches * 3 * cfg.patch_size**2 * cfg.width
-    chans = ConvStem.channels(cfg)  # kernel 2, stride 2: stage i has (S / 2**i)**2 outputs
-    return sum(2 * (cfg.image_size >> i) ** 2 * 4 * chans[i - 1] * chans[i] for i in range(1, len(chans)))
-
-
-def _dalle_flops(cfg: ModelConfig) -> float:
-    """DALL-E's encoder at its 8G-pixel input: the 7x7 conv, every block's four convs (and its 1x1 identity
-    path where the width changes), the 1x1 conv to the codebook. ~52 GFLOPs at 112 px: more than a ViT-B/16."""
-    h, n, s = cfg.dalle_hidden, cfg.dalle_blocks, 8 * cfg.grid
-    widths, total = (h, h, 2 * h, 4 * h, 8 * h), 2 * s * s * 49 * 3 * h
-    for g in range(4):  # group g runs at side s / 2**g
-        for b in range(n):
-            c, w = widths[g + (b > 0)], widths[g + 1]
-            total += 2 * (s >> g) ** 2 * (9 * c * w // 4 + 2 * 9 * (w // 4) ** 2 + w // 4 * w + (c * w if c != w else 0))
-    return total + 2 * cfg.num_patches * 8 * h * cfg.codebook_size
-
-
-def flops_per_sample(cfg: ModelConfig, source: str, keep_ratio: float = 1.0, mask_ratio: float = 0.383,
-                     mlm_prob: float = 0.15, masked_pass_share: float = 1.0, masked_pass: str = "split",
-                     mmm_text_prob: float = 0.15) -> float:
-    """Training FLOPs of one sample of a FLAVA step (forward + backward = 3 x forward), counting
-    the matmuls and convolutions that dominate (PaLM's MFU convention, arXiv 2204.02311 App. B):
-    the patch embedding, every encoder pass, the heads at the positions losses.py applies them
-    to, and the dVAE encoder's target pass (forward only, no gradient). A paired batch runs its
-    masked pass (and the dVAE) on a masked_pass_share of its rows: FLAVA's one fusion pass ("joint"), or
-    two ("split": the masked caption with the kept image tokens, the masked image with the caption)."""
-    D, P, L, V, C = cfg.width, cfg.num_patches, cfg.text_len, cfg.vocab_size, cfg.codebook_size
-    K = max(1, round(P * keep_ratio))
-    n_img, n_txt = max(1, round(mask_ratio * P)), math.floor(mlm_prob * L) + 1  # as losses.FLAVALoss
-
-    def head(n, vocab):  # dense D x D, then the decoder D x vocab, at n positions
-        return 2 * n * (D * D + D * vocab)
-
-    def image(tokens):
-        return _stem_flops(cfg) + _encoder_flops(cfg, cfg.image_layers, tokens)
-
-    dvae = _dalle_flops(cfg) if cfg.image_tokenizer == "dalle" else 2 * P * 3 * cfg.patch_size**2 * C  # the tokenizer
-    text = _encoder_flops(cfg, cfg.text_layers, L)
-    if source == "images":
-        return 3 * (image(1 + P) + head(n_img, C)) + dvae
-    if source == "texts":
-        return 3 * (text + head(n_txt, V))
-    if source != "pairs":
-        raise ValueError(f"unknown source {source!r}")
-    contrastive = image(1 + K) + text + 2 * 2 * D * cfg.embed_dim  # both towers + both projections
-    fused = [1 + P] if masked_pass == "joint" else [1 + K, 1 + P]  # image tokens of each fusion pass
-    masked = image(1 + P) + text  # both encoders again, on the masked inputs
-    masked += sum(2 * (n + L) * D * D + _encoder_flops(cfg, cfg.mm_layers, 1 + n + L) for n in fused)  # *_to_mm, fusion
-    masked += head(n_img, C) + head(math.floor(mmm_text_prob * L) + 1, V)
-    masked += 2 * (D * D + 2 * D)  # ITM pooler + classifier
-    return 3 * (contrastive + masked_pass_share * masked) + masked_pass_share * dvae
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a checkpoint (shared by train.py --resume and eval.py)
-# ---------------------------------------------------------------------------------------------
-
-CHECKPOINT_KEYS = ("format", "model", "dvae", "model_cfg", "step", "vocab")
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a nanoFLAVA checkpoint *safely*: `weights_only=True` unpickles tensors and plain
-    containers only, so a file carrying a pickled object with code is refused, not executed."""
-    import pickle  # only for the exception type
-
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {path}: it holds pickled objects beyond tensors and plain "
-                         f"containers (possibly code), which weights_only=True forbids ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or ckpt.get("format") != "nanoflava-1":
-        raise ValueError(f"{path} is not a nanoFLAVA checkpoint (missing {missing or 'format=nanoflava-1'})")
-    return ckpt
-
-
-def load_state(module: nn.Module, state: dict, what: str):
-    """load_state_dict with a message that names every mismatching shape (another preset?)."""
-    own = module.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if bad or missing or unexpected:
-        raise ValueError(f"{what} does not fit this model config; shape mismatches: {bad[:6]}, missing: "
-                         f"{missing[:6]}, unexpected: {unexpected[:6]}")
-    module.load_state_dict(state)
-
-
-def models_from_checkpoint(ckpt: dict, device="cpu"):
-    """FLAVA and its frozen image tokenizer (dVAE or DALL-E's encoder; None if the checkpoint has none)
-    rebuilt from the config stored in the checkpoint itself."""
-    cfg = ModelConfig(**ckpt["model_cfg"])
-    model = FLAVA(cfg)
-    load_state(model, ckpt["model"], "checkpoint model weights")
-    if ckpt["dvae"] is None:
-        return model.to(device), None
-    dvae = image_tokenizer_for(cfg)
-    load_state(dvae, ckpt["dvae"], "checkpoint image tokenizer weights")
-    return model.to(device), dvae.to(device).requires_grad_(False).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Published weights: Hugging Face's FLAVA (facebook/flava-full), read with torch alone
-# ---------------------------------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _read_safetensors(path, keep) -> dict:
-    """A .safetensors file by hand: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}} (byte offsets into what follows), then the raw little-endian tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, MemoryError, OverflowError):
-            raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
-        header.pop("__metadata__", None)
-        state = {}
-        for name, info in header.items():
-            if not keep(name):
-                state[name] = None  # listed, not read
-                continue
-            (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES.get(info["dtype"])
-            f.seek(8 + n + start)
-            buf = bytearray(f.read(end - start))  # writable, as torch.frombuffer wants; the tensor shares it
-            if dtype is None or len(buf) != math.prod(info["shape"]) * dtype.itemsize:
-                raise ValueError(f"{path}: tensor {name} is truncated or of an unknown dtype {info['dtype']}")
-            state[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
-                torch.zeros(info["shape"], dtype=dtype)
-    return state
-
-
-def read_weights(folder, keep=lambda name: True) -> dict:
-    """name -> tensor from a Hugging Face folder: model.safetensors or pytorch_model.bin, sharded or not
-    (*.index.json). Names that `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
-    folder, files = Path(folder), []
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            files = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
-            break
-    files = files or [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or *.index.json")
-    state = {}
-    for file in (folder / f for f in files):
-        if file.suffix == ".safetensors":
-            state |= _read_safetensors(file, keep)
-            continue
-        try:  # a zip-format file is memory-mapped (only what is kept gets read); a legacy one loads whole
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-        except Exception as e:  # truncated, not a torch file, or pickled code (which weights_only refuses)
-            raise ValueError(f"cannot read {file}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        state |= {k: v if keep(k) else None for k, v in part.items()}
-    return state
-
-
-def _codebook_state(path) -> dict:
-    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
-    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
-    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
-    out = {}
-    for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
-        if tensor is not None:
-            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
-            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
-                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
-            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
-    return out
-
-
-# Hugging Face's FlavaConfig defaults (those of the `base` preset), for what a config.json leaves out
-_TOWER = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-12, hidden_act="gelu",
-              qkv_bias=True)
-HF_DEFAULTS = {"image_config": dict(_TOWER, num_hidden_layers=12, image_size=224, patch_size=16, vocab_size=8192),
-               "text_config": dict(_TOWER, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
-               "multimodal_config": dict(_TOWER, num_hidden_layers=6),
-               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, vocab_size=8192)}
-
-
-def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """ModelConfig from a Hugging Face FlavaConfig (config.json). nanoFLAVA's encoders share one width, head
-    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
-    sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
-    img, txt, mm, cb = sub.values()
-    size, patch = (img[k][0] if isinstance(img[k], list) and len(set(img[k])) == 1 else img[k]
-                   for k in ("image_size", "patch_size"))  # [224, 224] -> 224
-    checks = {  # name: (value, what nanoFLAVA needs)
-        **{f"{k}.{key}": (sub[k][key], img[key]) for k in ("text_config", "multimodal_config") for key in _TOWER},
-        "image_config.hidden_act": (img["hidden_act"], "gelu"), "image_config.qkv_bias": (img["qkv_bias"], True),
-        "hidden_size": (hf.get("hidden_size", 768), img["hidden_size"]),
-        "intermediate_size % hidden_size": (img["intermediate_size"] % img["hidden_size"], 0),
-        "square image_size and patch_size": (isinstance(size, int) and isinstance(patch, int), True),
-        "image_codebook_config.vocab_size": (cb["vocab_size"], img["vocab_size"]),
-        "text_len <= max_position_embeddings": (overrides.get("text_len", 0) <= txt["max_position_embeddings"], True)}
-    problems = [f"{name}={got!r} (needs {want!r})" for name, (got, want) in checks.items() if got != want]
-    if problems:
-        raise ValueError("this Hugging Face FLAVA config does not fit nanoFLAVA: " + "; ".join(problems))
-    return ModelConfig.from_preset("base", **{**dict(
-        image_size=size, patch_size=patch, width=img["hidden_size"],
-        heads=img["num_attention_heads"], mlp_ratio=img["intermediate_size"] // img["hidden_size"],
-        image_layers=img["num_hidden_layers"], text_layers=txt["num_hidden_layers"], mm_layers=mm["num_hidden_layers"],
-        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77 tokens
-        embed_dim=hf.get("projection_dim", 768), codebook_size=img["vocab_size"], ln_eps=img["layer_norm_eps"],
-        image_tokenizer="dalle", dalle_hidden=cb["hidden_size"], dalle_blocks=cb["num_blocks_per_group"]), **overrides})
-
-
-HF_HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head")
-
-
-def _hf_names(cfg: ModelConfig) -> dict:
-    """nanoFLAVA tensor name -> the Hugging Face name(s) it is made of (FlavaForPreTraining's, less "flava.")."""
-    m = {"image_encoder.cls_token": "image_model.embeddings.cls_token", "logit_scale": "logit_scale",
-         "image_encoder.mask_token": "image_model.embeddings.mask_token",
-         "mm_encoder.cls_token": "multimodal_model.cls_token",
-         "image_encoder.pos_embed": "image_model.embeddings.position_embeddings",
-         "text_encoder.word_embed.weight": "text_model.embeddings.word_embeddings.weight",
-         "text_encoder.pos_embed": ("text_model.embeddings.position_embeddings.weight",
-                                    "text_model.embeddings.token_type_embeddings.weight")}
-    renames = {"image_encoder.patch_embed": "image_model.embeddings.patch_embeddings.projection",
-               "text_encoder.ln_embed": "text_model.embeddings.LayerNorm", "image_projection": "image_projection",
-               "mm_encoder.image_to_mm": "image_to_mm_projection", "mm_encoder.text_to_mm": "text_to_mm_projection",
-               "text_projection": "text_projection", "itm_head.pooler": "itm_head.pooler.dense",
-               "itm_head.classifier": "itm_head.seq_relationship"}
-    renames |= {f"{h}.{ours}": f"{h}.{theirs}" for h in HF_HEADS[:4] for ours, theirs in
-                (("dense", "transform.dense"), ("ln", "transform.LayerNorm"), ("decoder", "decoder"))}
-    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("mm_encoder", "multimodal_model",
-                            cfg.mm_layers), ("text_encoder", "text_model", cfg.text_layers)):
-        renames[f"{ours}.transformer.ln_f"] = f"{hf}.layernorm"
-        for i in range(depth):
-            a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
-            renames |= {f"{a}.attn.proj": f"{b}.attention.output.dense", f"{a}.mlp.fc1": f"{b}.intermediate.dense",
-                        f"{a}.mlp.fc2": f"{b}.output.dense", f"{a}.ln1": f"{b}.layernorm_before",
-                        f"{a}.ln2": f"{b}.layernorm_after"}
-            m |= {f"{a}.attn.qkv.{w}": tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
-                  for w in ("weight", "bias")}
-    return m | {f"{ours}.{w}": f"{hf}.{w}" for ours, hf in renames.items() for w in ("weight", "bias")}
-
-
-def _flava_from_hf(cls, path, overrides):
-    """FLAVA.from_pretrained. q, k and v fuse into qkv; BERT's token-type row 0 (which it adds to every token)
-    folds into the text positions, cut from 512 to text_len; the encoders' tanh poolers (no pretraining output
-    reads them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is
-    an error. Image positions are resized for another image_size."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), **overrides)
-    state = {k.removeprefix("flava."): v for k, v in read_weights(folder, lambda k: "image_codebook." not in k).items()}
-    for h in HF_HEADS[:4]:  # the output bias is one tied tensor, saved as <head>.bias, decoder.bias or both
-        tied = state.pop(f"{h}.bias", None)
-        state[f"{h}.decoder.bias"] = state.get(f"{h}.decoder.bias", tied)
-    names = _hf_names(cfg)
-    used = {n for src in names.values() for n in (src if isinstance(src, tuple) else (src,))}
-    dropped = re.compile(r"image_codebook\..*|(image|text|multimodal)_model\.pooler\.dense\.(weight|bias)|.*_ids")
-    unknown = sorted(k for k in state if k not in used and not dropped.fullmatch(k))
-    missing, heads = sorted(k for k in used if state.get(k) is None), sorted(k for k in used if k.startswith(HF_HEADS))
-    if unknown or missing and missing != heads:
-        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; "
-                         f"missing: {missing[:8]}")
-    if missing:
-        print(f"{folder}: no pretraining heads (a FlavaModel file): MIM, MLM, MMM and ITM keep their initialisation")
-    model = cls(cfg)
-    ours = model.state_dict()
-    for name, src in names.items():
-        parts = [state[k].float() for k in (src if isinstance(src, tuple) else (src,)) if state.get(k) is not None]
-        if name == "text_encoder.pos_embed":  # (1, L, D): positions plus token type 0, which BERT adds to every token
-            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]
-        elif parts:  # q, k and v stacked on dim 0 are qkv's (3D, D) layout
-            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    grid = math.isqrt(ours["image_encoder.pos_embed"].size(1) - 1)
-    if grid != cfg.grid:  # (1, 1 + g*g, D) -> (1, 1 + P, D): the patch rows resized as a g x g image, as HF does
-        pos, D = ours["image_encoder.pos_embed"], cfg.width
-        table = F.interpolate(pos[:, 1:].reshape(1, grid, grid, D).permute(0, 3, 1, 2), size=(cfg.grid, cfg.grid),
-                              mode="bicubic", align_corners=False)  # (1, D, G, G)
-        ours["image_encoder.pos_embed"] = torch.cat([pos[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
-        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches")
-    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp it to [0, ln 100] on every use, as
-    # CLIP, open_clip and TorchMultimodal do. Inside that range both give the same logits; outside it, we say so.
-    scale = float(ours["logit_scale"])
-    if not 0 <= scale <= LOGIT_SCALE_MAX:
-        ours["logit_scale"] = ours["logit_scale"].clamp(0, LOGIT_SCALE_MAX)
-        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x "
-              f"{math.exp(float(ours['logit_scale']) - scale):.6f}")
-    load_state(model, ours, str(folder))
-    return model
-
-
-def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
-    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as load_checkpoint returns one): the model,
-    DALL-E's encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook;
-    None if neither has one), the vocabulary of vocab.txt, and how preprocessor_config.json resizes: "squash"
-    (the whole image to S x S: Hugging Face's FlavaImageProcessor with an integer or height-and-width size, its
-    default) or "crop" (shortest side, then the central square, as TorchMultimodal and nanoFLAVA's data.py)."""
-    model, folder = FLAVA.from_pretrained(path, **overrides), Path(path)
-    if not (folder / "vocab.txt").is_file():
-        raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
-    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
-    tokenizer = _codebook_state(codebook or path) or None
-    if tokenizer is None:
-        print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
-    else:
-        load_state(DalleEncoder(model.cfg), tokenizer, f"{codebook or folder} image codebook")  # shapes checked
-    pre = folder / "preprocessor_config.json"
-    size = json.loads(pre.read_text()).get("size", 224) if pre.is_file() else 224  # Hugging Face's default: 224
-    return {"format": "nanoflava-1", "model": model.state_dict(), "dvae": tokenizer, "model_cfg": asdict(model.cfg),
-            "step": 0, "vocab": [t.rstrip("\r") for t in (vocab[:-1] if vocab[-1] == "" else vocab)],
-            "converted_from": str(folder), "preprocess": "crop" if isinstance(size, dict) and "shortest_edge" in size
-            else "squash"}
-
-
-if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER]
-    import argparse
-
-    parser = argparse.ArgumentParser(description="A published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
-    parser.add_argument("command", choices=["convert"])
-    parser.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
-    parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
-    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
-    args = parser.parse_args()
-    ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(ckpt, args.out + ".tmp")  # written whole, then renamed: never a torn checkpoint
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out}: image tokenizer {'DALL-E encoder' if ckpt['dvae'] else 'none'}, "
-          f"{len(ckpt['vocab'])} word pieces")
+    pretrained.main()

@@ -1,4 +1,4 @@
-"""How FLAVA is trained: the dVAE, then (optionally) unimodal pretraining, then joint FLAVA
+"""How FLAVA is trained: the image tokenizer, then (optionally) unimodal pretraining, then joint FLAVA
 training with FLIP's patch dropping, then (optionally) FLIP's unmasked tuning.
 
 FLAVA (arXiv 2112.04482) §3.3-3.4: each update draws one whole batch from one source (pairs,
@@ -20,7 +20,7 @@ with a GradScaler, bf16 without one, contrastive logits in fp32. config.json and
     python train.py --resume                       # continue from out/ckpt.pt exactly where it stopped (same flags)
     python train.py --preset base --init_from flava-full --pairs pairs.jsonl --lr 1e-5   # from the published FLAVA
 
-Writes into --out_dir: config.json, log.jsonl, dvae.pt, ckpt.pt (and the last --keep_ckpts as ckpt_<step>.pt), eval.json.
+Writes into --out_dir: config.json, log.jsonl, image_tokenizer.pt, ckpt.pt (and the last --keep_ckpts as ckpt_<step>.pt), eval.json.
 """
 import argparse
 import inspect
@@ -45,8 +45,12 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from losses import FLAVALoss, LossConfig, accumulate, compile_step
-from model import (DVAE, FLAVA, ModelConfig, flops_per_sample, image_tokenizer_for, load_checkpoint, load_state,
-                   pretrained_checkpoint)
+import checkpoints
+import flops
+import pretrained
+from dalle import image_tokenizer_for
+from model import FLAVA, KMeansTokenizer, ModelConfig
+from weightfiles import load_state
 
 NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with the reason); the rest are counted
 
@@ -58,7 +62,7 @@ NAMED_SKIPS = 10  # unreadable manifest rows and files named in the log (with th
 @dataclass
 class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 minutes on 2 CPU cores)
     preset: str = "tiny"  # model and recipe preset (tiny | small | base); explicit flags override its values
-    out_dir: str = "out"  # where config.json, log.jsonl, dvae.pt, ckpt.pt and eval.json go
+    out_dir: str = "out"  # where config.json, log.jsonl, image_tokenizer.pt, ckpt.pt and eval.json go
     pairs: str = ""  # JSONL/CSV manifest of image-caption pairs; empty = the synthetic shapes world
     shards: str = ""  # or pairs streamed from WebDataset tar shards: a folder, a glob, or 'dir/{00000..00099}.tar'
     shard_buffer: int = 1000  # shuffle buffer of each shard reader (samples held, per DataLoader worker)
@@ -80,8 +84,8 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
     p_pairs: float = 0.9  # share of steps drawing a paired batch (paper: 0.70)
     p_images: float = 0.05  # share of image-only (MIM) steps (paper: 0.15)
     p_texts: float = 0.05  # share of text-only (MLM) steps (paper: 0.15)
-    dvae_ckpt: str = ""  # a trained dvae.pt (the image tokenizer) to reuse; stage 1 is skipped
-    dvae_steps: int = 100  # stage 1: mini-batch k-means steps of the image tokenizer's codebook
+    image_tokenizer_ckpt: str = ""  # a trained image_tokenizer.pt (the image tokenizer) to reuse; stage 1 is skipped
+    image_tokenizer_steps: int = 100  # stage 1: mini-batch k-means steps of the image tokenizer's codebook
     unimodal_steps: int = 0  # stage 2: MIM + MLM steps before joint training (0 = skip)
     unmasked_steps: int = 0  # stage 4: FLIP unmasked tuning steps with keep_ratio 1.0 (0 = skip)
     unmasked_lr: float = 1e-4  # stage 4 learning rate (constant)
@@ -110,16 +114,17 @@ class TrainConfig:  # defaults: the `tiny` recipe, the embedded default run (5 m
 # micro-batches of 128 (~30 GB of 80), `small` 128 at once (~10 GB) and accumulates on fewer GPUs.
 # Flags renamed, old name -> new: the old one still works for one release, with a message naming the new one.
 # masked_fraction was a share of a batch's rows, beside mask_ratio and keep_ratio that are shares of patches.
-RENAMED = {"masked_fraction": "masked_pass_share"}
+RENAMED = {"masked_fraction": "masked_pass_share", "dvae_ckpt": "image_tokenizer_ckpt",
+           "dvae_steps": "image_tokenizer_steps"}  # the image tokenizer was called a dVAE: k-means is no VAE
 RECIPES = {
     "tiny": {},
     "tiny_long": dict(steps=2500, masked_pass_share=1.0),  # ~16 minutes on 2 CPU cores: FLAVA's fusion half learns more
     "small": dict(batch_size=1024, steps=50_000, lr=1e-3, warmup=2000, beta2=0.999, p_pairs=0.7, p_images=0.15,
-                  p_texts=0.15, masked_pass_share=1.0, keep_ratio=0.5, unmasked_steps=2000, dvae_steps=5000,
+                  p_texts=0.15, masked_pass_share=1.0, keep_ratio=0.5, unmasked_steps=2000, image_tokenizer_steps=5000,
                   log_every=50, ckpt_every=1000, micro_batch=128, masked_pass="joint"),
     "base": dict(batch_size=8192, steps=150_000, lr=1e-3, min_lr=1e-5, warmup=10_000, beta2=0.999, p_pairs=0.7,
                  p_images=0.15, p_texts=0.15, masked_pass_share=1.0, keep_ratio=0.5, unmasked_steps=5000,
-                 dvae_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128, masked_pass="joint"),
+                 image_tokenizer_steps=20_000, log_every=100, ckpt_every=2000, micro_batch=128, masked_pass="joint"),
 }
 
 
@@ -287,7 +292,7 @@ def shard(objective, dtype):
         for block in encoder.transformer.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(encoder, mp_policy=policy)
-    fully_shard(objective, mp_policy=policy, ignored_params={m.logit_scale, *objective.dvae.parameters()})
+    fully_shard(objective, mp_policy=policy, ignored_params={m.logit_scale, *objective.image_tokenizer.parameters()})
     register_fsdp_forward_method(objective, "contrastive_pass")  # losses.accumulate calls it outside forward
     return objective
 
@@ -370,17 +375,6 @@ def stage_probs(cfg: TrainConfig, stage: str, available) -> dict:
     return probs
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash mid-write leaves the
-    previous file intact (rename is atomic on POSIX)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state(device):
     """Every global generator, in types that weights_only=True loading accepts (no numpy arrays). CUDA's
     only when the run uses it: touching it would initialise CUDA in a CPU run (and fail in a forked one)."""
@@ -403,12 +397,12 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) * 4099
 
 
-def trim_log(path, step, keep_dvae):
+def trim_log(path, step, keep_stage1):
     """On resume: drop the rows of the steps after the checkpoint (they are redone) and a torn last line."""
     rows = [json.loads(line) for line in open(path) if line.endswith("\n")] if os.path.exists(path) else []
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows
-                     if (keep_dvae if r.get("stage") == "dvae" else r.get("step", 0) <= step))
+                     if (keep_stage1 if r.get("stage") == "image_tokenizer" else r.get("step", 0) <= step))
     os.replace(f"{path}.tmp", path)
 
 
@@ -451,36 +445,36 @@ def broadcast_bytes(blob, rank, device, chunk=1 << 28):
     return buf.numpy().tobytes()
 
 
-def decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0):
-    """Resume is decided once, by rank 0, which alone reads the disk: resume from ckpt.pt; else reuse dvae.pt
-    (stage 1 finished, no checkpoint yet) or --dvae_ckpt; else start afresh. Its flags are checked there, and
+def decide_resume(cfg, current, ckpt_path, image_tokenizer_path, rank, world_size, device, print0):
+    """Resume is decided once, by rank 0, which alone reads the disk: resume from ckpt.pt; else reuse image_tokenizer.pt
+    (stage 1 finished, no checkpoint yet) or --image_tokenizer_ckpt; else start afresh. Its flags are checked there, and
     the decision and the file's bytes are broadcast: on node-local disks the other ranks may not see the files
     (each deciding alone, rank 0 would resume at step s while the others start at 0, and the run would hang or
-    diverge). -> (checkpoint or None, dVAE state or None); a bad file or a refusal stops every rank alike."""
-    ckpt, dvae, path, error = None, None, None, None
+    diverge). -> (checkpoint or None, image tokenizer state or None); a bad file or a refusal stops every rank alike."""
+    ckpt, image_tokenizer, path, error = None, None, None, None
     if rank == 0:
         try:
             if cfg.resume and os.path.exists(ckpt_path):
-                path, ckpt = ckpt_path, load_checkpoint(ckpt_path)
+                path, ckpt = ckpt_path, checkpoints.load_checkpoint(ckpt_path)
                 for change in check_resume_flags(path, ckpt, current, cfg.resume_changes == "ok"):
                     print0(f"--resume_changes ok: {change}")
-            elif cfg.dvae_ckpt or cfg.resume and os.path.exists(dvae_path):
-                path = cfg.dvae_ckpt or dvae_path
+            elif cfg.image_tokenizer_ckpt or cfg.resume and os.path.exists(image_tokenizer_path):
+                path = cfg.image_tokenizer_ckpt or image_tokenizer_path
                 try:
-                    dvae = torch.load(path, map_location="cpu", weights_only=True)
+                    image_tokenizer = torch.load(path, map_location="cpu", weights_only=True)
                 except FileNotFoundError:
-                    raise FileNotFoundError(f"dVAE checkpoint {path} does not exist") from None
+                    raise FileNotFoundError(f"image tokenizer checkpoint {path} does not exist") from None
                 except Exception as e:
-                    raise ValueError(f"cannot read dVAE checkpoint {path}: {type(e).__name__}: {e}") from None
+                    raise ValueError(f"cannot read image tokenizer checkpoint {path}: {type(e).__name__}: {e}") from None
             elif cfg.resume:
                 print0(f"--resume: no {ckpt_path} yet, so training starts at step 0")
         except (FileNotFoundError, ValueError) as e:
             error = str(e)
     if world_size > 1:
-        decision = [error, ckpt is not None, dvae is not None, path]
+        decision = [error, ckpt is not None, image_tokenizer is not None, path]
         dist.broadcast_object_list(decision, 0)
-        error, has_ckpt, has_dvae, path = decision
-        if not error and (has_ckpt or has_dvae):
+        error, has_ckpt, has_image_tokenizer, path = decision
+        if not error and (has_ckpt or has_image_tokenizer):
             blob = None
             if rank == 0:
                 blob = bytearray(os.path.getsize(path))
@@ -489,10 +483,10 @@ def decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, 
             blob = broadcast_bytes(blob, rank, device)
             if rank != 0:
                 state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-                ckpt, dvae = (state, None) if has_ckpt else (None, state)
+                ckpt, image_tokenizer = (state, None) if has_ckpt else (None, state)
     if error:
         fail(error)
-    return ckpt, dvae
+    return ckpt, image_tokenizer
 
 
 def prune_checkpoints(ckpt_path, step, keep):
@@ -577,10 +571,10 @@ def load_init(cfg: TrainConfig, model_overrides: dict):
     """--init_from: a Hugging Face FLAVA folder (converted on the fly) or a nanoFLAVA checkpoint, and its model
     config with the model flags given on the command line (the preset's are not used)."""
     if os.path.isdir(cfg.init_from):
-        init = pretrained_checkpoint(cfg.init_from, **model_overrides)
+        init = pretrained.pretrained_checkpoint(cfg.init_from, **model_overrides)
     else:
-        init = load_checkpoint(cfg.init_from)
-    if init["dvae"] is None:
+        init = checkpoints.load_checkpoint(cfg.init_from)
+    if init["image_tokenizer"] is None:
         raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
                          "(python model.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
     return init, replace(ModelConfig(**init["model_cfg"]), **model_overrides)
@@ -595,27 +589,27 @@ def to_device(batch, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dvae(cfg, mcfg, mixture, rank, world_size, device, log):
+def train_image_tokenizer(cfg, mcfg, mixture, rank, world_size, device, log):
     """Stage 1: the image tokenizer's codebook by mini-batch k-means over the patches of image batches
-    (model.DVAE explains why). No gradients, fp32 throughout; the EMA of the codes follows the data
+    (model.KMeansTokenizer explains why). No gradients, fp32 throughout; the EMA of the codes follows the data
     closely early (decay 0.5) and averages over more batches later (0.99), and dead codes are re-seeded
     in the first 80% of the stage only, so that the last codes have settled."""
-    dvae = DVAE(mcfg).to(device)
+    image_tokenizer = KMeansTokenizer(mcfg).to(device)
     source = "images" if "images" in mixture.sources else "pairs"
     batches = loader_for(cfg, mixture, {source: 1.0}, rank, world_size, 0, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the re-seeding draws (rank 0's are used)
-    bar = tqdm(range(cfg.dvae_steps), desc="stage 1: image tokenizer", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(range(cfg.image_tokenizer_steps), desc="stage 1: image tokenizer", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         _, batch = next(batches)
-        log.note_skipped(batch, "dvae", step)
+        log.note_skipped(batch, "image_tokenizer", step)
         images = to_device(batch, device)["image"].float() / 255  # (B, 3, S, S) in [0, 1]
-        t = step / max(1, cfg.dvae_steps - 1)
-        stats = dvae.learn(images, decay=0.5 + 0.49 * t, reseed=t < 0.8, generator=gen)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.dvae_steps - 1):
+        t = step / max(1, cfg.image_tokenizer_steps - 1)
+        stats = image_tokenizer.learn(images, decay=0.5 + 0.49 * t, reseed=t < 0.8, generator=gen)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.image_tokenizer_steps - 1):
             bar.set_postfix(mse=f"{stats['recon_mse']:.4f}", base=f"{stats['mean_image_mse']:.4f}",
                             ppl=f"{stats['perplexity']:.0f}")
-            log({"stage": "dvae", "step": step, **{k: round(v, 6) for k, v in stats.items()}})
-    return dvae.eval()
+            log({"stage": "image_tokenizer", "step": step, **{k: round(v, 6) for k, v in stats.items()}})
+    return image_tokenizer.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,14 +639,14 @@ class Run:
     step: int = 0  # optimizer steps done, over stages 2-4
     last_saved: int | None = None  # the step of the last checkpoint written (or resumed from)
     counters: dict = None  # skipped_samples, overflow_steps: over the whole run, resumes included
-    dvae: DVAE = None
+    image_tokenizer: KMeansTokenizer = None
     model: FLAVA = None
-    objective: FLAVALoss = None  # model + dVAE -> named losses
+    objective: FLAVALoss = None  # model + image tokenizer -> named losses
     step_fn: object = None  # the objective as the step calls it: bare, under DDP or FSDP, maybe compiled
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
 
-    def path(self, name):  # ckpt.pt, dvae.pt, log.jsonl, eval.json
+    def path(self, name):  # ckpt.pt, image_tokenizer.pt, log.jsonl, eval.json
         return os.path.join(self.cfg.out_dir, name)
 
     @property
@@ -664,13 +658,13 @@ def setup(argv) -> Run:
     """Flags -> processes -> inputs (data, vocabulary, a resumed or initial checkpoint) -> config.json and the log.
     Bad input (a missing or empty manifest, shard folder, vocabulary, init or checkpoint) stops here: one line,
     exit status 2. The flags define the model, resumed or not; a resumed run takes its vocabulary from the
-    checkpoint. Killed before the first checkpoint, --resume starts at step 0 (reusing dvae.pt if stage 1 finished)."""
+    checkpoint. Killed before the first checkpoint, --resume starts at step 0 (reusing image_tokenizer.pt if stage 1 finished)."""
     cfg, model_overrides, loss_cfg = parse_args(argv)  # a bad flag or combination stops here, before any work
     rank, _, world_size, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dtype = resolve_dtype(cfg.dtype, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, dvae_path, log_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "dvae.pt", "log.jsonl"))
+    ckpt_path, image_tokenizer_path, log_path = (os.path.join(cfg.out_dir, f) for f in ("ckpt.pt", "image_tokenizer.pt", "log.jsonl"))
     print0 = print if rank == 0 else (lambda *a, **k: None)
     mcfg = ModelConfig.from_preset(cfg.preset, **model_overrides)
     try:  # every input file is opened (or refused) here, before any compute
@@ -678,7 +672,7 @@ def setup(argv) -> Run:
         # what a checkpoint stores, to compare with a resumed one (vocab_size: the tokenizer's, unless a flag set it)
         current = {"train_cfg": asdict(cfg), "loss_cfg": asdict(loss_cfg), "model_cfg": {
             k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in model_overrides}}
-        resume, dvae_state = decide_resume(cfg, current, ckpt_path, dvae_path, rank, world_size, device, print0)
+        resume, image_tokenizer_state = decide_resume(cfg, current, ckpt_path, image_tokenizer_path, rank, world_size, device, print0)
         if resume is not None:
             mcfg = replace(mcfg, vocab_size=model_overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
         sources, world, tokenizer = build_data(cfg, mcfg, (resume or init or {}).get("vocab"))
@@ -692,7 +686,7 @@ def setup(argv) -> Run:
               "device": str(device), "dtype": str(dtype).replace("torch.", ""), "grad_scaler": dtype == torch.float16}
     print0(json.dumps(config, indent=1))  # the resolved config, once; config.json holds the same
     if rank == 0 and cfg.resume:  # the steps after the checkpoint are redone: their log rows go
-        trim_log(log_path, resume["step"] if resume else 0, keep_dvae=resume is not None or os.path.exists(dvae_path))
+        trim_log(log_path, resume["step"] if resume else 0, keep_stage1=resume is not None or os.path.exists(image_tokenizer_path))
     log = Log(log_path, rank)
     for name, source in sources.items():  # manifest rows that could not be read: counted, the first ones named
         if getattr(source, "num_skipped", 0):
@@ -704,28 +698,28 @@ def setup(argv) -> Run:
             json.dump(config, f, indent=1)
     run = Run(cfg, mcfg, loss_cfg, rank, world_size, device, dtype, print0, log, sources, data.Mixture(sources), world,
               tokenizer, resume, init, t_start=time.time(), counters={"skipped_samples": 0, "overflow_steps": 0})
-    run.dvae = image_tokenizer(run, dvae_state)  # stage 1 (or its result, loaded)
+    run.image_tokenizer = prepare_image_tokenizer(run, image_tokenizer_state)  # stage 1 (or its result, loaded)
     build_model(run)  # after stage 1, which draws from the global generator: FLAVA's init is reseeded
     return run
 
 
-def image_tokenizer(run, dvae_state):
-    """Stage 1, or what replaces it: a checkpoint's own tokenizer (the dVAE or DALL-E's encoder), a dvae.pt, or
-    the dVAE trained now. Frozen from here on: its codes are fixed targets."""
+def prepare_image_tokenizer(run, image_tokenizer_state):
+    """Stage 1, or what replaces it: a checkpoint's own tokenizer (the image tokenizer or DALL-E's encoder), a image_tokenizer.pt, or
+    the image tokenizer trained now. Frozen from here on: its codes are fixed targets."""
     cfg, mcfg, device = run.cfg, run.mcfg, run.device
     if run.resume is not None or run.init is not None:
-        dvae = image_tokenizer_for(mcfg).to(device)
-        load_state(dvae, (run.resume or run.init)["dvae"],
-                   f"{run.path('ckpt.pt')} dVAE" if run.resume else f"{cfg.init_from} image tokenizer")
-    elif dvae_state is not None:
-        dvae = DVAE(mcfg).to(device)
-        load_state(dvae, dvae_state, cfg.dvae_ckpt or run.path("dvae.pt"))
-        run.print0(f"stage 1: dVAE loaded from {cfg.dvae_ckpt or run.path('dvae.pt')}")
+        image_tokenizer = image_tokenizer_for(mcfg).to(device)
+        load_state(image_tokenizer, (run.resume or run.init)["image_tokenizer"],
+                   f"{run.path('ckpt.pt')} image tokenizer" if run.resume else f"{cfg.init_from} image tokenizer")
+    elif image_tokenizer_state is not None:
+        image_tokenizer = KMeansTokenizer(mcfg).to(device)
+        load_state(image_tokenizer, image_tokenizer_state, cfg.image_tokenizer_ckpt or run.path("image_tokenizer.pt"))
+        run.print0(f"stage 1: image tokenizer loaded from {cfg.image_tokenizer_ckpt or run.path('image_tokenizer.pt')}")
     else:
-        dvae = train_dvae(cfg, mcfg, run.mixture, run.rank, run.world_size, device, run.log)
+        image_tokenizer = train_image_tokenizer(cfg, mcfg, run.mixture, run.rank, run.world_size, device, run.log)
         if run.rank == 0:
-            save_atomic(dvae.state_dict(), run.path("dvae.pt"))
-    return dvae.requires_grad_(False).eval()
+            checkpoints.save_atomic(image_tokenizer.state_dict(), run.path("image_tokenizer.pt"))
+    return image_tokenizer.requires_grad_(False).eval()
 
 
 def build_model(run):
@@ -748,7 +742,7 @@ def build_model(run):
         set_rng_state(resume["rng"], run.device)
         run.print0(f"resumed from {run.path('ckpt.pt')} at step {run.step}")
     tokenizer = run.tokenizer
-    run.objective = FLAVALoss(model, run.dvae, run.loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
+    run.objective = FLAVALoss(model, run.image_tokenizer, run.loss_cfg, tokenizer.mask_id, tokenizer.special_ids)
     # Different sources leave different parameters unused in a step (an image batch never
     # touches the text encoder): DDP must look for them instead of waiting for their gradients.
     if cfg.fsdp:
@@ -900,7 +894,7 @@ def save_checkpoint(run, stage, batches):
     streams = {"stage": stage, "sources": stream_states(batches, run.world_size)}  # where tar shards were read to
     model_state, optimizer_state = whole_states(run.model, run.optimizer)  # a collective under FSDP
     if run.rank == 0:
-        save_atomic({"format": "nanoflava-1", "model": model_state, "dvae": run.dvae.state_dict(),
+        checkpoints.save_atomic({"format": checkpoints.FORMAT, "model": model_state, "image_tokenizer": run.image_tokenizer.state_dict(),
                      "optimizer": optimizer_state, "scaler": run.scaler.state_dict(), "step": run.step,
                      "model_cfg": asdict(run.mcfg), "loss_cfg": asdict(run.loss_cfg), "train_cfg": asdict(run.cfg),
                      "vocab": run.tokenizer.vocab, "rng": rng_state(run.device), "counters": dict(run.counters),
@@ -931,7 +925,7 @@ def train(run):
     every --log_every steps writes a log line; every --ckpt_every steps a checkpoint."""
     cfg, loss_cfg, plan = run.cfg, run.loss_cfg, stages(run.cfg)
     total = sum(n for _, _, n in plan)
-    flops = {(stage, src): flops_per_sample(run.mcfg, src, 1.0 if stage == "unmasked" else loss_cfg.keep_ratio,
+    costs = {(stage, src): flops.flops_per_sample(run.mcfg, src, 1.0 if stage == "unmasked" else loss_cfg.keep_ratio,
                                             loss_cfg.mask_ratio, loss_cfg.mlm_prob, loss_cfg.masked_pass_share,
                                             loss_cfg.masked_pass, loss_cfg.mmm_text_prob)
              for stage, _, _ in plan for src in data.SOURCES}  # per sample, for the log's tflops
@@ -950,7 +944,7 @@ def train(run):
             run.step += 1
             bar.update(1)
             meter.add(run.step, {**losses, "grad_norm": grad_norm}, cfg.batch_size,
-                      cfg.batch_size * flops[stage, source])
+                      cfg.batch_size * costs[stage, source])
             if run.step % cfg.log_every == 0 or run.step % cfg.ckpt_every == 0 or run.step == total:
                 means = log_line(run, meter, stage, lr)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("total", "gc", "itm", "mim", "mlm")})

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import losses
-from model import DVAE, FLAVA, ModelConfig
+from model import KMeansTokenizer, FLAVA, ModelConfig
 from test_distributed import (CFG, LOSS, N_GLOBAL, SEED, initial_state, join_gloo, max_rel_err, rank_batch,
                               run_ranks, step_batch)
 
@@ -25,14 +25,14 @@ MICRO_STEPS = (1, 2, 4)
 
 
 def loss_fn(state, masked_pass):
-    """losses.FLAVALoss (fp32) on the model of `state`, with a dVAE whose codes vary (a random codebook)."""
+    """losses.FLAVALoss (fp32) on the model of `state`, with an image tokenizer whose codes vary (a random codebook)."""
     model = FLAVA(ModelConfig.from_preset("tiny", **CFG))
     model.load_state_dict(state)
     torch.manual_seed(1)
-    dvae = DVAE(model.cfg)
+    image_tokenizer = KMeansTokenizer(model.cfg)
     with torch.no_grad():
-        dvae.codebook.uniform_()
-    return losses.FLAVALoss(model, dvae, losses.LossConfig(**LOSS, masked_pass=masked_pass), mask_id=4, special_ids=range(5))
+        image_tokenizer.codebook.uniform_()
+    return losses.FLAVALoss(model, image_tokenizer, losses.LossConfig(**LOSS, masked_pass=masked_pass), mask_id=4, special_ids=range(5))
 
 
 def grads_of(fn):
@@ -154,7 +154,7 @@ def test_out_of_memory_names_the_micro_batch_and_what_helps(tmp_path, monkeypatc
 
     monkeypatch.setattr(losses.FLAVALoss, "step", oom)
     with pytest.raises(SystemExit) as exit_:
-        train.main([*TINY, "--dvae_steps", "1", "--micro_batch", "2", "--out_dir", str(tmp_path)])
+        train.main([*TINY, "--image_tokenizer_steps", "1", "--micro_batch", "2", "--out_dir", str(tmp_path)])
     message = str(exit_.value.code)
     assert "micro-batch of 2 rows" in message and "--batch_size 8 over 1 process" in message
     assert all(flag in message for flag in ("--micro_batch", "--grad_ckpt true", "--fsdp true", "bench.py --fit"))

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import losses
 import masking
-from model import DVAE, FLAVA, ModelConfig
+from model import KMeansTokenizer, FLAVA, ModelConfig
 
 CFG = dict(image_size=16, patch_size=4, width=32, heads=2, image_layers=1, text_layers=1,
            mm_layers=1, vocab_size=50, text_len=8, embed_dim=16, codebook_size=16,
@@ -179,15 +179,15 @@ SEED = 12345
 
 
 def flava_step(state):
-    """losses.FLAVALoss on the model of `state` (in fp32: the step feeds it fp32 pixels) and a dVAE whose
+    """losses.FLAVALoss on the model of `state` (in fp32: the step feeds it fp32 pixels) and an image tokenizer whose
     codes vary (a random codebook in pixel space)."""
     model = FLAVA(ModelConfig.from_preset("tiny", **CFG))
     model.load_state_dict(state)
     torch.manual_seed(1)
-    dvae = DVAE(model.cfg)
+    image_tokenizer = KMeansTokenizer(model.cfg)
     with torch.no_grad():
-        dvae.codebook.uniform_()
-    return losses.FLAVALoss(model, dvae, losses.LossConfig(**LOSS), mask_id=4, special_ids=range(5))
+        image_tokenizer.codebook.uniform_()
+    return losses.FLAVALoss(model, image_tokenizer, losses.LossConfig(**LOSS), mask_id=4, special_ids=range(5))
 
 
 def step_batch():

@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import eval as E
 from conftest import SMALL
-from model import DVAE, FLAVA, ModelConfig
+from model import KMeansTokenizer, FLAVA, ModelConfig
 
 WORLD = data.ShapesWorld(image_size=32)
 
@@ -74,7 +74,7 @@ def test_vqa_set_matches_the_scene_graphs():
 def tiny_model(seed=0, init_std=0.02):
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(tokenizer().vocab), "init_std": init_std})
-    return FLAVA(cfg).eval(), DVAE(cfg).eval(), cfg
+    return FLAVA(cfg).eval(), KMeansTokenizer(cfg).eval(), cfg
 
 
 def tokenizer():
@@ -84,7 +84,7 @@ def tokenizer():
 def test_mmm_attr_acc_by_number_of_objects(monkeypatch):
     """mmm_attr_acc_{k}obj counts the asked words of k-object scenes only: a model that names every masked word of
     one-object scenes right and every other one wrong scores 1 / 0 / 0, and the overall share of right words."""
-    model, dvae, cfg = tiny_model()
+    model, image_tokenizer, cfg = tiny_model()
     images, captions, scenes = E.synthetic_pairs(WORLD, 60)
     ids, _ = tokenizer().encode(captions, cfg.text_len)  # (n, L) the true words
     single = torch.tensor([len(s["objects"]) == 1 for s in scenes])  # (n,)
@@ -96,7 +96,7 @@ def test_mmm_attr_acc_by_number_of_objects(monkeypatch):
                 "mmm_text": said}
 
     monkeypatch.setattr(E, "masked_predictions", predictions)
-    r = E.fusion_metrics(model, dvae, tokenizer(), WORLD, images, captions, scenes, 0.383, "cpu",
+    r = E.fusion_metrics(model, image_tokenizer, tokenizer(), WORLD, images, captions, scenes, 0.383, "cpu",
                          torch.autocast("cpu", enabled=False))
     kinds = [WORLD.COLOURS, sum(WORLD.SHAPE_WORDS.values(), ())]  # even rows: colours asked; odd rows: shapes
     asked_ids = [{tokenizer().index[w] for w in kind} for kind in kinds]
@@ -152,8 +152,8 @@ def refused(capsys, argv, message):
 
 
 def test_checkpoints_that_are_not_ours_are_refused(tmp_path, capsys):
-    model, dvae, cfg = tiny_model()
-    good = {"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(), "model_cfg": asdict(cfg),
+    model, image_tokenizer, cfg = tiny_model()
+    good = {"format": "nanoflava-2", "model": model.state_dict(), "image_tokenizer": image_tokenizer.state_dict(), "model_cfg": asdict(cfg),
             "step": 0, "vocab": tokenizer().vocab}
     marker = tmp_path / "code_ran"
     cases = {"code.pt": {**good, "extra": Payload(str(marker))}, "keys.pt": {"model": model.state_dict()},
@@ -170,18 +170,19 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path, capsys):
 
 KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "retrieval_pairs", "retrieval_images",
         "itm_acc", "itm_auc", "itm_auc_hard", *(f"itm_auc_hard_{k}" for k in ("colour", "shape", "size", "relation")),
-        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_attr_acc_1obj", "mmm_attr_acc_2obj", "mmm_attr_acc_3obj", "mmm_image_acc", "mim_acc", "code_majority_acc", "dvae_mean_image_mse",
+        "mmm_attr_acc", "mmm_attr_acc_blank", "mmm_attr_acc_1obj", "mmm_attr_acc_2obj", "mmm_attr_acc_3obj", "mmm_image_acc", "mim_acc", "code_majority_acc", "codebook_mean_image_mse",
         "zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_drop50_top1", "zeroshot_drop75_top1",
         "probe_image_shape", "probe_image_colour", "probe_image_count", "probe_text_count", "probe_text_relation",
         *(f"vqa_{h}{k}" for h in ("multimodal", "image_only", "text_only")
           for k in ("", "_count", "_colour", "_yesno", "_which")),
-        "dvae_recon_mse", "dvae_perplexity", "dvae_codes_used", "skipped_files", "step", "eval_seconds"}
+        "codebook_recon_mse", "codebook_perplexity", "codebook_codes_used", "skipped_files", "step", "eval_seconds"}
 
 
 def write_checkpoint(folder):
-    model, dvae, cfg = tiny_model(init_std=0.2)  # embeddings far apart: zero-shot and retrieval not all ties
-    torch.save({"format": "nanoflava-1", "model": model.state_dict(), "dvae": dvae.state_dict(),
-                "model_cfg": asdict(cfg), "step": 7, "vocab": tokenizer().vocab, "train_cfg": {"seed": 0, "pairs": ""},
+    model, image_tokenizer, cfg = tiny_model(init_std=0.2)  # embeddings far apart: zero-shot and retrieval not all ties
+    # written as before the image tokenizer's rename (format nanoflava-1: "dvae"), which must still load
+    torch.save({"format": "nanoflava-1", "model": model.state_dict(), "dvae": image_tokenizer.state_dict(),
+                "model_cfg": {**asdict(cfg), "image_tokenizer": "dvae"}, "step": 7, "vocab": tokenizer().vocab, "train_cfg": {"seed": 0, "pairs": ""},
                 "loss_cfg": {"mask_ratio": 0.383}}, folder / "ckpt.pt")
     with open(folder / "log.jsonl", "w") as f:
         for step in range(0, 50, 10):
@@ -224,8 +225,8 @@ def known_features(monkeypatch, images, captions):
 def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     """The suite runs end to end (every key, the figures), and its numbers are what they claim to be: with
     known features on the held-out pairs, retrieval in each direction and ITM score what they must (images
-    and captions paired right, i2t not t2i, 1 = match); zero-shot (seen and held-out classes) and the dVAE's
-    health equal what is recomputed here straight from the model and the dVAE. fp32 (no bf16 autocast), so
+    and captions paired right, i2t not t2i, 1 = match); zero-shot (seen and held-out classes) and the image tokenizer's
+    health equal what is recomputed here straight from the model and the image tokenizer. fp32 (no bf16 autocast), so
     the recomputation agrees exactly."""
     ckpt = write_checkpoint(tmp_path)
     images, captions, _ = E.synthetic_pairs(WORLD, 24)  # what the suite calls held-out pairs: val scenes 0-23
@@ -239,7 +240,7 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     assert all(0 <= results[k] <= 1 for k in KEYS if k.startswith(("i2t", "t2i", "zeroshot", "probe", "itm", "mmm",
                                                                     "mim", "code")) and not k.endswith("obj"))
     assert all(results[k] is None or 0 <= results[k] <= 1 for k in KEYS if k.endswith("obj"))  # null: no such scene
-    for name in ("retrieval.png", "masks.png", "dvae.png", "loss_curves.png"):
+    for name in ("retrieval.png", "masks.png", "image_tokenizer.png", "loss_curves.png"):
         with Image.open(tmp_path / name) as img:
             assert img.width > 100 and img.height > 50
     # image 0 scores every caption 0 (its true one ranks last on a tie); image 1 ties captions 0 and 1 (rank 1);
@@ -248,7 +249,7 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     assert [results[f"t2i_r{k}"] for k in (1, 5, 10)] == pytest.approx([23 / 24, 23 / 24, 23 / 24])
     assert results["itm_acc"] == results["itm_auc"] == results["itm_auc_hard"] == 1.0  # every negative told apart
 
-    model, dvae, cfg = tiny_model(init_std=0.2)  # the checkpoint's weights
+    model, image_tokenizer, cfg = tiny_model(init_std=0.2)  # the checkpoint's weights
     with torch.no_grad():
         # zero-shot: the nearest prompt-ensemble class embedding, on seen and on held-out (colour, shape) classes
         images_c, labels, held, names = E.synthetic_classification_set(WORLD, 2)
@@ -260,14 +261,14 @@ def test_the_whole_suite_on_a_tiny_checkpoint(tmp_path, monkeypatch):
                                                       for k, label in enumerate(labels.tolist())]))
         assert results["zeroshot_top1"] == pytest.approx(correct[~held].float().mean().item())
         assert results["zeroshot_heldout_top1"] == pytest.approx(correct[held].float().mean().item())
-        # the dVAE: reconstruction of the retrieval images from their hard codes, and their code histogram
+        # the image tokenizer: reconstruction of the retrieval images from their hard codes, and their code histogram
         x = images.float() / 255
-        codes = dvae.codebook_indices(x)  # (24, P)
-        assert results["dvae_recon_mse"] == pytest.approx(((dvae.decode_indices(codes) - x) ** 2).mean().item())
+        codes = image_tokenizer.codebook_indices(x)  # (24, P)
+        assert results["codebook_recon_mse"] == pytest.approx(((image_tokenizer.decode_indices(codes) - x) ** 2).mean().item())
         counts = np.bincount(codes.flatten().numpy(), minlength=cfg.codebook_size)
         p = counts[counts > 0] / counts.sum()
-        assert results["dvae_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
-        assert results["dvae_codes_used"] == pytest.approx((counts > 0).mean())
+        assert results["codebook_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
+        assert results["codebook_codes_used"] == pytest.approx((counts > 0).mean())
 
 
 def test_files_replace_the_synthetic_data(tmp_path, capsys):

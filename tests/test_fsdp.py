@@ -44,7 +44,7 @@ def _worker(rank, world, ports, root):
         if rank == 0 and resume_from:  # rank 0 alone reads the checkpoint (train.decide_resume)
             os.makedirs(out)
             shutil.copy(os.path.join(root, resume_from), os.path.join(out, "ckpt.pt"))
-        train.main([*map(str, COMMON + flags), "--dvae_ckpt", os.path.join(root, "dvae.pt"), "--out_dir", out])
+        train.main([*map(str, COMMON + flags), "--image_tokenizer_ckpt", os.path.join(root, "image_tokenizer.pt"), "--out_dir", out])
 
 
 def free_ports(n):
@@ -63,14 +63,15 @@ def steps(out_dir):
 
 
 def test_fsdp_matches_ddp_and_checkpoints_cross_over(tmp_path):
-    from model import DVAE, FLAVA, ModelConfig, load_checkpoint
+    from checkpoints import load_checkpoint
+    from model import FLAVA, KMeansTokenizer, ModelConfig
 
     mcfg = ModelConfig.from_preset("tiny", image_size=32, patch_size=8, codebook_size=32)
     torch.manual_seed(0)
-    dvae = DVAE(mcfg)
+    image_tokenizer = KMeansTokenizer(mcfg)
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
-        dvae.codebook.uniform_()
-    torch.save(dvae.state_dict(), tmp_path / "dvae.pt")
+        image_tokenizer.codebook.uniform_()
+    torch.save(image_tokenizer.state_dict(), tmp_path / "image_tokenizer.pt")
     ctx = mp.start_processes(_worker, args=(2, free_ports(len(RUNS)), str(tmp_path)), nprocs=2, join=False,
                              start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
     deadline = time.monotonic() + 240

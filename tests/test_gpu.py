@@ -16,7 +16,7 @@ import data
 import losses
 import train
 from conftest import SMALL
-from model import DVAE, FLAVA, ModelConfig
+from model import KMeansTokenizer, FLAVA, ModelConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda", 0)
@@ -38,11 +38,11 @@ def make_batch(cfg, B, device=CUDA, seed=0, min_len=4):
 def make_step(device=CUDA, **loss_kw):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", **SMALL)
-    model, dvae = FLAVA(cfg).to(device), DVAE(cfg).to(device)
+    model, image_tokenizer = FLAVA(cfg).to(device), KMeansTokenizer(cfg).to(device)
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
-        dvae.codebook.uniform_()
+        image_tokenizer.codebook.uniform_()
     loss_kw = {"keep_ratio": 0.5, "itm_neg_prob": 0.5, "masked_pass_share": 0.5, **loss_kw}
-    return losses.FLAVALoss(model, dvae, losses.LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS), cfg
+    return losses.FLAVALoss(model, image_tokenizer, losses.LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS), cfg
 
 
 def test_fp16_steps_with_grad_scaler_skip_exactly_the_overflowing_ones():

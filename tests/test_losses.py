@@ -1,4 +1,4 @@
-"""Tests for losses.py: losses with known values, masked CE, the dVAE loss, and the FLAVA step
+"""Tests for losses.py: losses with known values, masked CE, the image tokenizer loss, and the FLAVA step
 (initial losses, ITM negatives, matched-only MMM, a model that overfits one batch).
 
     python -m pytest tests/test_losses.py
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import losses
 import masking
 from losses import IGNORE_INDEX, FLAVALoss, LossConfig, contrastive_loss, masked_ce, masked_prediction
-from model import DVAE, FLAVA, LOGIT_SCALE_MAX, ModelConfig
+from model import KMeansTokenizer, FLAVA, LOGIT_SCALE_MAX, ModelConfig
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
 SPECIALS = (0, 1, 2, 3, 4)
@@ -34,11 +34,11 @@ def make_batch(cfg, B, seed=0, min_len=4):
 
 def make_loss(cfg, seed=0, **loss_kw):
     torch.manual_seed(seed)
-    model, dvae = FLAVA(cfg), DVAE(cfg)
+    model, image_tokenizer = FLAVA(cfg), KMeansTokenizer(cfg)
     with torch.no_grad():  # random codes in pixel space, so that random images get varied codes
-        dvae.codebook.uniform_()
+        image_tokenizer.codebook.uniform_()
     loss_kw.setdefault("masked_pass_share", 1.0)  # the paper's step: every pair also takes the masked pass
-    return FLAVALoss(model, dvae, LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS)
+    return FLAVALoss(model, image_tokenizer, LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS)
 
 
 def reference_clip_loss(img, txt, scale):
@@ -115,7 +115,7 @@ def test_contrastive_loss_runs_in_fp32_under_bf16_autocast():
 
 
 # ---------------------------------------------------------------------------------------------
-# masked prediction, dVAE loss, codebook stats
+# masked prediction, codebook stats
 
 
 def test_masked_ce_zero_when_nothing_masked_and_equal_to_cross_entropy_otherwise():
@@ -287,13 +287,13 @@ def test_itm_negatives_only_where_the_caption_really_differs(tiny_cfg, monkeypat
 
 
 def test_mmm_learns_only_from_matched_pairs(tiny_cfg, monkeypatch):
-    """MMM targets exist only in matched rows: there they are the dVAE codes of the masked patches and the
+    """MMM targets exist only in matched rows: there they are the image tokenizer codes of the masked patches and the
     original ids of the masked words; the fusion reads the *pre-LN* states of the masked pass."""
     loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5, masked_pass="joint")  # FLAVA's one masked pass
     B, P, L = 8, tiny_cfg.num_patches, tiny_cfg.text_len
     batch = make_batch(tiny_cfg, B, seed=2)
     model = loss_fn.model
-    codes = loss_fn.dvae.codebook_indices(batch["image"].float() / 255)  # (B, P)
+    codes = loss_fn.image_tokenizer.codebook_indices(batch["image"].float() / 255)  # (B, P)
     seen_both = set()
     for seed in range(4):
         _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed)
@@ -321,7 +321,7 @@ def test_mmm_learns_only_from_matched_pairs(tiny_cfg, monkeypatch):
 
 
 def test_unimodal_heads_read_the_right_positions(tiny_cfg, monkeypatch):
-    """MIM reads the final-LN patch tokens 1 .. P (not [CLS_I]) with the dVAE codes of masked patches as targets;
+    """MIM reads the final-LN patch tokens 1 .. P (not [CLS_I]) with the image tokenizer codes of masked patches as targets;
     MLM reads every text position with the original ids of the chosen tokens."""
     loss_fn = make_loss(tiny_cfg)
     batch = make_batch(tiny_cfg, 4, seed=4)
@@ -338,7 +338,7 @@ def test_unimodal_heads_read_the_right_positions(tiny_cfg, monkeypatch):
     enc_img = model.encode_image.calls[-1]
     patch_masked = arg(enc_img, 1, "patch_masked")
     assert torch.equal(img_call[0][1], enc_img[2][1][:, 1:])
-    codes = loss_fn.dvae.codebook_indices(batch["image"].float() / 255)
+    codes = loss_fn.image_tokenizer.codebook_indices(batch["image"].float() / 255)
     assert torch.equal(img_call[0][2], torch.where(patch_masked, codes, IGNORE_INDEX))
     enc_txt = model.encode_text.calls[-1]
     assert torch.equal(txt_call[0][1], enc_txt[2][1])
@@ -386,7 +386,7 @@ def test_split_masked_pass_predicts_each_masked_modality_from_the_other_whole(ti
     meets the contrastive pass's states of its own whole caption (MMM-image on every row, negatives' too)."""
     loss_fn = make_loss(tiny_cfg, itm_neg_prob=0.5, masked_pass="split")
     batch, model, seen = make_batch(tiny_cfg, 8, seed=1), loss_fn.model, set()
-    codes = loss_fn.dvae.codebook_indices(batch["image"].float() / 255)  # (B, P)
+    codes = loss_fn.image_tokenizer.codebook_indices(batch["image"].float() / 255)  # (B, P)
     for seed in range(4):
         monkeypatch.setattr(model, "encode_text", Spy(model.encode_text))
         _, spies = run_pairs_with_spies(monkeypatch, loss_fn, batch, seed)

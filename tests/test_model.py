@@ -1,5 +1,5 @@
 """Tests for model.py: shapes, config validation, attention parity, padding, BEiT masking and FLIP
-dropping inside the image encoder, the multimodal index map, the dVAE's grid, FLOPs.
+dropping inside the image encoder, the multimodal index map, the image tokenizer's grid, FLOPs.
 
     python -m pytest tests/test_model.py
 """
@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import losses
 import masking
-from model import DVAE, FLAVA, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, ModelConfig, flops_per_sample
+from flops import flops_per_sample
+from model import FLAVA, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, KMeansTokenizer, ModelConfig
 
 CLS, SEP, PAD = 2, 3, 0  # the tokenizer's special ids ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)
 SPECIALS = (0, 1, 2, 3, 4)
@@ -64,10 +65,10 @@ def capture_transformer_input(model):
 
 
 def test_tiny_preset_shapes_of_every_encoder_and_head():
-    """Every encoder, head and dVAE output of the real `tiny` preset has its documented shape (M = 1 + N + L)."""
+    """Every encoder, head and image-tokenizer output of the real `tiny` preset has its documented shape (M = 1 + N + L)."""
     cfg = ModelConfig.from_preset("tiny")
     torch.manual_seed(0)
-    model, dvae = FLAVA(cfg).eval(), DVAE(cfg).eval()
+    model, image_tokenizer = FLAVA(cfg).eval(), KMeansTokenizer(cfg).eval()
     B, P, L, D, G = 2, cfg.num_patches, cfg.text_len, cfg.width, cfg.grid
     V, C, E = cfg.vocab_size, cfg.codebook_size, cfg.embed_dim
     images = rand_images(B, cfg.image_size)
@@ -92,11 +93,11 @@ def test_tiny_preset_shapes_of_every_encoder_and_head():
         for emb in (model.image_embeddings(images), model.text_embeddings(ids, attn)):
             assert emb.shape == (B, E) and emb.dtype == torch.float32
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(B))
-        dvae.learn(images)
-        assert dvae.codebook.shape == (C, 3 * cfg.patch_size**2)
-        codes = dvae.codebook_indices(images)
+        image_tokenizer.learn(images)
+        assert image_tokenizer.codebook.shape == (C, 3 * cfg.patch_size**2)
+        codes = image_tokenizer.codebook_indices(images)
         assert codes.shape == (B, P) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < C
-        assert dvae.decode_indices(codes).shape == images.shape
+        assert image_tokenizer.decode_indices(codes).shape == images.shape
 
 
 def _count(module):
@@ -107,7 +108,7 @@ def test_base_preset_shapes_and_sizes_on_meta():
     """The paper-sized `base` preset, built and run on the meta device (no memory, no FLOPs): ViT-B/16 sizes, shapes."""
     cfg = ModelConfig.from_preset("base")
     with torch.device("meta"):
-        model, dvae = FLAVA(cfg), DVAE(cfg)
+        model, image_tokenizer = FLAVA(cfg), KMeansTokenizer(cfg)
     D, P, L = 768, 196, 77
     assert (cfg.grid, cfg.num_patches, cfg.heads, cfg.image_layers, cfg.text_layers, cfg.mm_layers) == (14, P, 12, 12,
                                                                                                       12, 6)
@@ -133,7 +134,7 @@ def test_base_preset_shapes_and_sizes_on_meta():
     kept = model.encode_image(images, keep_idx=torch.zeros(B, 98, dtype=torch.long, device="meta"))[1]
     assert kept.shape == (B, 1 + 98, D)
     assert model.itm_head(mm[:, 0]).shape == (B, 2) and model.image_embed(out).shape == (B, 768)
-    assert dvae.codebook_indices(images).shape == (B, P)
+    assert image_tokenizer.codebook_indices(images).shape == (B, P)
 
 
 def test_small_preset_image_encoder_is_vit_s16():
@@ -310,8 +311,8 @@ def test_no_exploding_gradient_at_init():
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=1, text_layers=1)
-    model, dvae = FLAVA(cfg), DVAE(cfg)
-    loss_fn = FLAVALoss(model, dvae, LossConfig(), mask_id=4, special_ids=(0, 1, 2, 3, 4))
+    model, image_tokenizer = FLAVA(cfg), KMeansTokenizer(cfg)
+    loss_fn = FLAVALoss(model, image_tokenizer, LossConfig(), mask_id=4, special_ids=(0, 1, 2, 3, 4))
     images = torch.randint(0, 256, (16, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
     ids, attn = rand_text(16, cfg.text_len, cfg.vocab_size)
     for source in ("pairs", "images", "texts"):
@@ -477,22 +478,22 @@ def test_beit_mask_token_replaces_patches_before_positions(tiny_cfg, stem):
 
 
 def _measured_forward_flops(cfg, source, B=2, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15, masked_pass="split"):
-    """FLOPs that FlopCounterMode counts in one forward of the real FLAVA step, per sample, minus the dVAE pass."""
+    """FLOPs that FlopCounterMode counts in one forward of the real FLAVA step, per sample, minus the image tokenizer pass."""
     torch.manual_seed(0)
-    model, dvae = FLAVA(cfg), DVAE(cfg)
-    loss_fn = losses.FLAVALoss(model, dvae, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
+    model, image_tokenizer = FLAVA(cfg), KMeansTokenizer(cfg)
+    loss_fn = losses.FLAVALoss(model, image_tokenizer, losses.LossConfig(keep_ratio=keep_ratio, mask_ratio=mask_ratio,
                                                               mlm_prob=mlm_prob, masked_pass_share=1.0,
                                                               masked_pass=masked_pass),
                                mask_id=4, special_ids=SPECIALS)
     images = (rand_images(B, cfg.image_size) * 255).to(torch.uint8)
     ids, attn = rand_text(B, cfg.text_len, cfg.vocab_size, min_len=cfg.text_len)  # no padding: L tokens each
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dvae.codebook_indices(images.float() / 255)
-    dvae_flops = counter.get_total_flops() / B
+        image_tokenizer.codebook_indices(images.float() / 255)
+    codes_flops = counter.get_total_flops() / B
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         loss_fn(source, {"image": images, "ids": ids, "attn": attn}, seed=0)
     total = counter.get_total_flops() / B
-    return total - (dvae_flops if source != "texts" else 0), dvae_flops
+    return total - (codes_flops if source != "texts" else 0), codes_flops
 
 
 @pytest.mark.parametrize("source, masked_pass", [("images", "split"), ("texts", "split"), ("pairs", "split"),
@@ -502,26 +503,26 @@ def test_flops_per_sample_matches_flop_counter(source, masked_pass):
 
     With the paper's linear patch embedding every counted term is exact; the only one the estimate leaves
     out on purpose is the contrastive logits (2 x 2 B E per sample, batch-dependent), added here. SDPA on
-    the CPU is not seen by FlopCounterMode, hence attn='manual'. The dVAE term (forward only) must be exact.
+    the CPU is not seen by FlopCounterMode, hence attn='manual'. The image tokenizer's term (forward only) must be exact.
     text_len=16 makes the estimate's ceil(0.15 L) text-head positions equal the static bound floor(0.15 L) + 1
     that losses.py really runs the head on (they differ by one when 0.15 L is an integer, e.g. L = 20)."""
     cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=2, text_layers=2, mm_layers=1,
                                   stem="linear", attn="manual", vocab_size=300, codebook_size=128, text_len=16)
     B = 2
-    measured, dvae_flops = _measured_forward_flops(cfg, source, B=B, masked_pass=masked_pass)
+    measured, codes_flops = _measured_forward_flops(cfg, source, B=B, masked_pass=masked_pass)
     estimate = flops_per_sample(cfg, source, keep_ratio=0.5, mask_ratio=0.4, mlm_prob=0.15, masked_pass=masked_pass)
-    dvae_term = dvae_flops if source != "texts" else 0
+    codes_term = codes_flops if source != "texts" else 0
     if source == "pairs":
         measured -= 2 * 2 * B * cfg.embed_dim  # the B x B logits, outside the estimate
-    assert (estimate - dvae_term) / 3 == pytest.approx(measured, rel=1e-3)
+    assert (estimate - codes_term) / 3 == pytest.approx(measured, rel=1e-3)
 
 
 def test_flops_per_sample_with_conv_stem_is_close():
     """With the conv stem (tiny's default) the patch term is only approximate: the estimate stays within 10%."""
     cfg = ModelConfig.from_preset("tiny", width=64, heads=2, image_layers=2, text_layers=2, mm_layers=1,
                                   attn="manual", vocab_size=300, codebook_size=128, text_len=16)
-    measured, dvae_flops = _measured_forward_flops(cfg, "images")
-    assert (flops_per_sample(cfg, "images", mask_ratio=0.4) - dvae_flops) / 3 == pytest.approx(measured, rel=0.10)
+    measured, codes_flops = _measured_forward_flops(cfg, "images")
+    assert (flops_per_sample(cfg, "images", mask_ratio=0.4) - codes_flops) / 3 == pytest.approx(measured, rel=0.10)
 
 
 def test_flops_per_sample_monotone_in_keep_ratio():

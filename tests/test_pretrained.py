@@ -20,7 +20,12 @@ from PIL import Image
 
 import data
 import eval as E
+import checkpoints
+import dalle
+import flops
 import model as M
+import pretrained
+import weightfiles
 import train
 from conftest import ROOT, SMALL
 
@@ -62,7 +67,7 @@ def ours_small(seed=0):
     cfg = M.ModelConfig.from_preset("base", image_size=32, patch_size=8, width=32, heads=2, mlp_ratio=2, image_layers=2,
                                     text_layers=2, mm_layers=1, vocab_size=100, text_len=16, embed_dim=16,
                                     codebook_size=64, image_tokenizer="dalle", dalle_hidden=8, dalle_blocks=1)
-    model, codebook = M.FLAVA(cfg).eval(), M.DalleEncoder(cfg).eval()
+    model, codebook = M.FLAVA(cfg).eval(), dalle.DalleEncoder(cfg).eval()
     with torch.no_grad():
         for p in [*model.parameters(), *codebook.parameters()]:
             p.normal_(0, 0.2)
@@ -157,10 +162,10 @@ def test_safetensors_by_hand_round_trips_every_dtype_and_shard(tmp_path):
                "bf16": torch.randn(2, 2, generator=gen).bfloat16(), "i64": torch.arange(-2, 3)[None] * 2**40,
                "scalar": torch.tensor(2.6592), "empty": torch.zeros(0, 3)}
     write_safetensors(tmp_path / "model.safetensors", tensors)
-    got = M.read_weights(tmp_path)
+    got = weightfiles.read_weights(tmp_path)
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
-    assert M.read_weights(tmp_path, keep=lambda k: k != "f32")["f32"] is None  # listed, not read
+    assert weightfiles.read_weights(tmp_path, keep=lambda k: k != "f32")["f32"] is None  # listed, not read
     shards = tmp_path / "sharded"
     shards.mkdir()
     names = list(tensors)
@@ -168,68 +173,68 @@ def test_safetensors_by_hand_round_trips_every_dtype_and_shard(tmp_path):
         write_safetensors(shards / f"model-0000{i + 1}-of-00002.safetensors", {k: tensors[k] for k in part})
     (shards / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: f"model-0000{1 + (k in names[3:])}-of-00002.safetensors" for k in names}}))
-    got = M.read_weights(shards)
+    got = weightfiles.read_weights(shards)
     assert all(torch.equal(got[k], tensors[k]) for k in names)
     legacy = tmp_path / "legacy"  # a pre-zip pytorch_model.bin cannot be memory-mapped: read whole instead
     legacy.mkdir()
     torch.save({"w": tensors["f32"]}, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    assert torch.equal(M.read_weights(legacy)["w"], tensors["f32"])
+    assert torch.equal(weightfiles.read_weights(legacy)["w"], tensors["f32"])
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
-        M.read_weights(tmp_path)
+        weightfiles.read_weights(tmp_path)
     (legacy / "pytorch_model.bin").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read .*pytorch_model.bin"):
-        M.read_weights(legacy)
+        weightfiles.read_weights(legacy)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.read_weights(tmp_path / "empty")
+        weightfiles.read_weights(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_a_hugging_face_folder_loads_every_tensor(tmp_path, fmt):
     model, codebook = ours_small()
     folder = write_folder(tmp_path / "flava", hf_names_of(model, codebook), fmt)
-    loaded = M.FLAVA.from_pretrained(folder)  # text_len: all 16 positions of this config (FLAVA's 77 > 16)
+    loaded = pretrained.from_pretrained(folder)  # text_len: all 16 positions of this config (FLAVA's 77 > 16)
     assert loaded.cfg == model.cfg
     assert_same_state(loaded.state_dict(), model.state_dict())  # positions: (p - t0) + t0 rounds, hence atol
-    ckpt = M.pretrained_checkpoint(folder, text_len=12)
+    ckpt = pretrained.pretrained_checkpoint(folder, text_len=12)
     assert ckpt["model_cfg"]["text_len"] == 12 and ckpt["vocab"] == VOCAB and ckpt["preprocess"] == "squash"
     assert torch.allclose(ckpt["model"]["text_encoder.pos_embed"], model.text_encoder.pos_embed[:, :12], atol=1e-6)
-    assert_same_state(ckpt["dvae"], codebook.state_dict(), atol=0)
-    net, tok = M.models_from_checkpoint(ckpt)
+    assert_same_state(ckpt["image_tokenizer"], codebook.state_dict(), atol=0)
+    net, tok = checkpoints.models_from_checkpoint(ckpt)
     x = torch.rand(2, 3, 32, 32)
-    assert isinstance(tok, M.DalleEncoder) and torch.equal(tok.codebook_indices(x), codebook.codebook_indices(x))
+    assert isinstance(tok, dalle.DalleEncoder) and torch.equal(tok.codebook_indices(x), codebook.codebook_indices(x))
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 32}, "crop_size": 32}))
-    assert M.pretrained_checkpoint(folder)["preprocess"] == "crop"
+    assert pretrained.pretrained_checkpoint(folder)["preprocess"] == "crop"
 
 
 def test_unknown_and_missing_tensors_are_named_and_a_model_without_heads_says_so(tmp_path, capsys):
     model, codebook = ours_small()
     state = hf_names_of(model, codebook)
     with pytest.raises(ValueError, match=r"neither mapped nor knowingly dropped: \['image_model.extra.weight'\]"):
-        M.FLAVA.from_pretrained(write_folder(tmp_path / "a", {**state, "flava.image_model.extra.weight": torch.ones(1)},
+        pretrained.from_pretrained(write_folder(tmp_path / "a", {**state, "flava.image_model.extra.weight": torch.ones(1)},
                                              "bin"))
     gone = "flava.text_model.encoder.layer.1.attention.attention.key.bias"
     with pytest.raises(ValueError, match=r"missing: \['text_model.encoder.layer.1.attention.attention.key.bias'\]"):
-        M.FLAVA.from_pretrained(write_folder(tmp_path / "b", {k: v for k, v in state.items() if k != gone}, "bin"))
+        pretrained.from_pretrained(write_folder(tmp_path / "b", {k: v for k, v in state.items() if k != gone}, "bin"))
     # a FlavaModel file: no "flava." prefix and no heads; the heads keep their initialisation
     bare = {k.removeprefix("flava."): v for k, v in state.items() if k.startswith("flava.")}
     torch.manual_seed(5)
-    loaded = M.FLAVA.from_pretrained(write_folder(tmp_path / "c", bare, "safetensors"))
+    loaded = pretrained.from_pretrained(write_folder(tmp_path / "c", bare, "safetensors"))
     assert "no pretraining heads" in capsys.readouterr().out
-    assert_same_state(loaded.state_dict(), model.state_dict(), skip=M.HF_HEADS)
+    assert_same_state(loaded.state_dict(), model.state_dict(), skip=pretrained.HF_HEADS)
     torch.manual_seed(5)
     assert_same_state(loaded.state_dict(), M.FLAVA(loaded.cfg).state_dict(), atol=0,
-                      skip=tuple(k for k in model.state_dict() if not k.startswith(M.HF_HEADS)))
+                      skip=tuple(k for k in model.state_dict() if not k.startswith(pretrained.HF_HEADS)))
     with pytest.raises(ValueError, match=r"text_config.num_attention_heads=4 \(needs 2\)"):
-        M.config_from_hf({**HF_CONFIG, "text_config": {**HF_CONFIG["text_config"], "num_attention_heads": 4}})
+        pretrained.config_from_hf({**HF_CONFIG, "text_config": {**HF_CONFIG["text_config"], "num_attention_heads": 4}})
 
 
 def test_another_image_size_interpolates_the_positions_and_the_logit_scale_is_clamped(tmp_path, capsys):
     model, codebook = ours_small()
     state = hf_names_of(model, codebook)
     state["flava.logit_scale"] = torch.tensor(4.6052)  # Hugging Face's clamp, a hair above ln 100
-    loaded = M.FLAVA.from_pretrained(write_folder(tmp_path / "f", state, "safetensors"), image_size=48)
+    loaded = pretrained.from_pretrained(write_folder(tmp_path / "f", state, "safetensors"), image_size=48)
     out = capsys.readouterr().out
     assert "resized bicubically from 4 x 4 to 6 x 6" in out and "clamped to [0, ln 100]" in out
     assert loaded.logit_scale.item() == pytest.approx(math.log(100), abs=1e-7)
@@ -246,12 +251,12 @@ def test_dalle_encoder_flops_are_counted(monkeypatch):
     for kw in (dict(), dict(image_size=64, patch_size=16, dalle_hidden=16, dalle_blocks=3, codebook_size=32)):
         cfg = M.ModelConfig.from_preset("base", image_tokenizer="dalle", **kw)  # base: 112 px, 256 wide, 2 blocks
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            M.DalleEncoder(cfg)(torch.rand(1, 3, 8 * cfg.grid, 8 * cfg.grid))
-        assert M._dalle_flops(cfg) == counter.get_total_flops()
-    with_it = {src: M.flops_per_sample(cfg, src, masked_pass_share=0.5) for src in ("images", "pairs")}
-    monkeypatch.setattr(M, "_dalle_flops", lambda cfg: 0)  # the targets' pass: once per image, forward only
-    assert with_it["images"] - M.flops_per_sample(cfg, "images") == counter.get_total_flops()
-    assert with_it["pairs"] - M.flops_per_sample(cfg, "pairs", masked_pass_share=0.5) == 0.5 * counter.get_total_flops()
+            dalle.DalleEncoder(cfg)(torch.rand(1, 3, 8 * cfg.grid, 8 * cfg.grid))
+        assert flops.dalle_flops(cfg) == counter.get_total_flops()
+    with_it = {src: flops.flops_per_sample(cfg, src, masked_pass_share=0.5) for src in ("images", "pairs")}
+    monkeypatch.setattr(flops, "dalle_flops", lambda cfg: 0)  # the targets' pass: once per image, forward only
+    assert with_it["images"] - flops.flops_per_sample(cfg, "images") == counter.get_total_flops()
+    assert with_it["pairs"] - flops.flops_per_sample(cfg, "pairs", masked_pass_share=0.5) == 0.5 * counter.get_total_flops()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +326,8 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
     done = subprocess.run([sys.executable, "model.py", "convert", str(folder), str(out)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0 and "DALL-E encoder" in done.stdout, done.stderr
-    net, tok = M.models_from_checkpoint(M.load_checkpoint(out))
-    assert_same_state(net.state_dict(), model.state_dict()) and isinstance(tok, M.DalleEncoder)
+    net, tok = checkpoints.models_from_checkpoint(checkpoints.load_checkpoint(out))
+    assert_same_state(net.state_dict(), model.state_dict()) and isinstance(tok, dalle.DalleEncoder)
     classes, names = image_files(tmp_path / "imagenet"), tmp_path / "names.tsv"
     names.write_text("n0001\tred square\nn0002\tblue circle\n")
     prompted, zero_shot = [], E.zero_shot  # the class names the prompts are made of
@@ -330,7 +335,7 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
     E.main(["--device", "cpu", "--hf", str(folder), "--classes", str(classes), "--class_names", str(names), "--pairs",
             str(pairs_file(tmp_path)), "--out_dir", str(tmp_path / "e1"), "--n_probe", "8", "--skip_figures"])
     results = json.loads((tmp_path / "e1" / "eval.json").read_text())
-    assert {"zeroshot_top1", "i2t_r1", "itm_acc", "dvae_perplexity"} <= set(results) and "dvae_recon_mse" not in results
+    assert {"zeroshot_top1", "i2t_r1", "itm_acc", "codebook_perplexity"} <= set(results) and "codebook_recon_mse" not in results
     assert "has no decoder" in capsys.readouterr().out and prompted == [(["red square", "blue circle"], data.PROMPTS)]
     for table in ({"n0001": "red square", "n0002": "blue circle"},  # {folder: name}, ImageNet's {index: [folder, name]}
                   {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
@@ -352,13 +357,13 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
 def test_classes_alone_on_a_checkpoint_trained_on_files(tmp_path):
     torch.manual_seed(0)
     cfg = M.ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(VOCAB)})
-    torch.save({"format": "nanoflava-1", "model": M.FLAVA(cfg).state_dict(), "dvae": M.DVAE(cfg).state_dict(),
+    torch.save({"format": checkpoints.FORMAT, "model": M.FLAVA(cfg).state_dict(), "image_tokenizer": M.KMeansTokenizer(cfg).state_dict(),
                 "model_cfg": cfg.__dict__, "step": 3, "vocab": VOCAB, "train_cfg": {"pairs": "train.jsonl"}},
                tmp_path / "ckpt.pt")
     E.main(["--device", "cpu", "--ckpt", str(tmp_path / "ckpt.pt"), "--classes", str(image_files(tmp_path / "c")), "--n_probe", "8"])
     results = json.loads((tmp_path / "eval.json").read_text())
-    assert {"zeroshot_top1", "probe_image_class", "dvae_recon_mse"} <= set(results) and "i2t_r1" not in results
-    assert (tmp_path / "dvae.png").exists() and not (tmp_path / "retrieval.png").exists()
+    assert {"zeroshot_top1", "probe_image_class", "codebook_recon_mse"} <= set(results) and "i2t_r1" not in results
+    assert (tmp_path / "image_tokenizer.png").exists() and not (tmp_path / "retrieval.png").exists()
 
 
 def test_train_init_from_starts_at_the_published_weights_and_targets(tmp_path):
@@ -371,18 +376,18 @@ def test_train_init_from_starts_at_the_published_weights_and_targets(tmp_path):
                 "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
                 "--log_every", "1",
                 "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])
-    ckpt = M.load_checkpoint(out / "ckpt.pt")
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_cfg"]["image_tokenizer"] == "dalle" and ckpt["vocab"] == VOCAB and ckpt["step"] == 2
     assert_same_state(ckpt["model"], model.state_dict())  # lr 0: still exactly the published weights
-    assert_same_state(ckpt["dvae"], codebook.state_dict(), atol=0)  # the published targets, no stage 1
+    assert_same_state(ckpt["image_tokenizer"], codebook.state_dict(), atol=0)  # the published targets, no stage 1
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert not any(r.get("stage") == "dvae" for r in rows)
+    assert not any(r.get("stage") == "image_tokenizer" for r in rows)
     assert all(math.isfinite(r["mmm_image"]) for r in rows if "mmm_image" in r)
     train.main(["--device", "cpu", "--init_from", str(out / "ckpt.pt"), "--pairs", str(tmp_path / "pairs.jsonl"),
                 "--out_dir", str(tmp_path / "again"),
                 "--steps", "1", "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32",
                 "--eval", "false", "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"])  # from any checkpoint too
-    assert_same_state(M.load_checkpoint(tmp_path / "again" / "ckpt.pt")["model"], model.state_dict())
+    assert_same_state(checkpoints.load_checkpoint(tmp_path / "again" / "ckpt.pt")["model"], model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +421,7 @@ def test_every_output_matches_hugging_face(tmp_path, fmt):
         torch.save(hf.state_dict(), folder / "pytorch_model.bin")
     else:
         hf.save_pretrained(folder, max_shard_size="20KB" if fmt == "sharded" else "5GB")
-    ours = M.FLAVA.from_pretrained(folder, text_len=12).eval()
+    ours = pretrained.from_pretrained(folder, text_len=12).eval()
     B, L, P = 3, 12, 16
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(B, 3, 32, 32, generator=gen)  # ours normalises [0, 1] pixels itself; HF takes them normalised
@@ -450,7 +455,7 @@ def test_every_output_matches_hugging_face(tmp_path, fmt):
 def test_a_flava_model_without_heads_and_other_image_sizes_match_hugging_face(tmp_path, capsys):
     hf = hf_flava()
     hf.flava.save_pretrained(tmp_path / "model")  # FlavaModel: encoders and projections only
-    ours = M.FLAVA.from_pretrained(tmp_path / "model", image_size=48)
+    ours = pretrained.from_pretrained(tmp_path / "model", image_size=48)
     assert "no pretraining heads" in capsys.readouterr().out
     x = torch.rand(2, 3, 48, 48)
     pixels = (x - torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
@@ -462,15 +467,15 @@ def test_a_flava_model_without_heads_and_other_image_sizes_match_hugging_face(tm
 def test_dalle_encoder_gives_hugging_face_codebook_indices(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf = hf_flava()
-    cfg = M.config_from_hf(HF_CONFIG)
+    cfg = pretrained.config_from_hf(HF_CONFIG)
     hf.save_pretrained(tmp_path / "full")  # flava-full's layout: image_codebook.* beside the model
-    ours = M.DalleEncoder.from_pretrained(tmp_path / "full", cfg)
+    ours = pretrained.load_codebook(tmp_path / "full", cfg)
     config = transformers.FlavaImageCodebookConfig(**HF_CONFIG["image_codebook_config"])
     standalone = transformers.FlavaImageCodebook(config)
     standalone.load_state_dict({k.removeprefix("image_codebook."): v for k, v in hf.state_dict().items()
                                 if k.startswith("image_codebook.")})
     standalone.save_pretrained(tmp_path / "codebook")  # facebook/flava-image-codebook's layout: no prefix
-    alone = M.DalleEncoder.from_pretrained(tmp_path / "codebook", cfg)
+    alone = pretrained.load_codebook(tmp_path / "codebook", cfg)
     x = torch.rand(16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     x = x.repeat_interleave(8, 2).repeat_interleave(8, 3)
     with torch.no_grad():  # 32 px = 8 px a patch of the 4 x 4 grid, each patch one random colour

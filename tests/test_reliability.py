@@ -30,7 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "32", "--heads", "2", "--image_layers", "1", "--text_layers", "1", "--mm_layers", "1",
-        "--image_size", "32", "--patch_size", "8", "--codebook_size", "32", "--batch_size", "8", "--dvae_steps", "4", "--eval", "false", "--dtype", "fp32",
+        "--image_size", "32", "--patch_size", "8", "--codebook_size", "32", "--batch_size", "8", "--image_tokenizer_steps", "4", "--eval", "false", "--dtype", "fp32",
         "--workers", "0", "--log_every", "1", "--device", "cpu"]  # the CPU, whatever the machine has
 TIMING = ("ms_per_step", "samples_per_s", "tflops")  # the only fields of a log row allowed to differ
 
@@ -46,13 +46,13 @@ def log_rows(out_dir):
 
 
 def trajectory(out_dir):
-    """The log without its timings: dVAE rows, every FLAVA step's losses, lr, grad norm, scale, counters."""
+    """The log without its timings: image tokenizer rows, every FLAVA step's losses, lr, grad norm, scale, counters."""
     return [{k: v for k, v in row.items() if k not in TIMING} for row in log_rows(out_dir)
             if "stage" in row and "event" not in row]
 
 
 def ckpt(out_dir, name="ckpt.pt"):
-    from model import load_checkpoint
+    from checkpoints import load_checkpoint
 
     return load_checkpoint(Path(out_dir) / name)
 
@@ -125,21 +125,21 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert ref["step"] == got["step"] == 12 and ref["model"].keys() == got["model"].keys()
     for name, tensor in ref["model"].items():
         assert torch.equal(tensor, got["model"][name]), name
-    for name, tensor in ref["dvae"].items():
-        assert torch.equal(tensor, got["dvae"][name]), name
+    for name, tensor in ref["image_tokenizer"].items():
+        assert torch.equal(tensor, got["image_tokenizer"][name]), name
     for i, state in ref["optimizer"]["state"].items():
         assert all(torch.equal(v, got["optimizer"]["state"][i][k]) for k, v in state.items()), i
     assert trajectory(out) == trajectory(tmp_path / "ref")  # the rows of the lost steps were dropped on resume
-    assert [r["step"] for r in trajectory(out) if r["stage"] != "dvae"] == list(range(1, 13))
+    assert [r["step"] for r in trajectory(out) if r["stage"] != "image_tokenizer"] == list(range(1, 13))
 
 
 def test_resume_without_a_checkpoint_starts_over(tmp_path):
-    """Killed before the first checkpoint (after stage 1 wrote dvae.pt): --resume reuses dvae.pt and
+    """Killed before the first checkpoint (after stage 1 wrote image_tokenizer.pt): --resume reuses image_tokenizer.pt and
     starts at step 0, ending exactly where a run never stopped ends."""
     run(tmp_path / "ref", "--steps", 4, "--ckpt_every", 100)
     out = tmp_path / "killed"
     run_and_die(out, ["--steps", 4, "--ckpt_every", 100], "step", 2)
-    assert (out / "dvae.pt").exists() and not (out / "ckpt.pt").exists()
+    assert (out / "image_tokenizer.pt").exists() and not (out / "ckpt.pt").exists()
     run(out, "--steps", 4, "--ckpt_every", 100, "--resume")
     ref, got = ckpt(tmp_path / "ref"), ckpt(out)
     assert all(torch.equal(v, got["model"][k]) for k, v in ref["model"].items())
@@ -231,7 +231,7 @@ def hostile(tmp_path):
 def test_hostile_data_trains_and_names_what_it_skips(hostile, tmp_path):
     root, good, n_bad_rows = hostile
     out = tmp_path / "out"
-    run(out, "--pairs", root / "pairs.jsonl", "--texts", root / "texts.txt", "--steps", 6, "--dvae_steps", 2)
+    run(out, "--pairs", root / "pairs.jsonl", "--texts", root / "texts.txt", "--steps", 6, "--image_tokenizer_steps", 2)
     rows = log_rows(out)
     [manifest] = [r for r in rows if r.get("event") == "skipped_rows"]
     assert manifest["count"] == n_bad_rows and len(manifest["first"]) == n_bad_rows
@@ -322,7 +322,7 @@ def test_logit_scale_stays_in_its_clamp_during_training(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    run(tmp_path, "--steps", 4, "--dvae_steps", 1)
+    run(tmp_path, "--steps", 4, "--image_tokenizer_steps", 1)
     assert ckpt(tmp_path)["model"]["logit_scale"].item() == pytest.approx(math.log(100))
     assert all(r["logit_scale"] <= 100 + 1e-3 for r in log_rows(tmp_path) if r.get("stage") == "joint")
 
@@ -345,19 +345,19 @@ class Payload:
 def test_resume_refuses_a_checkpoint_that_carries_code(tmp_path, capsys):
     out, marker = tmp_path / "out", tmp_path / "the_code_ran"
     out.mkdir()
-    torch.save({"format": "nanoflava-1", "model": {"w": torch.zeros(1)}, "dvae": Payload(str(marker)),
+    torch.save({"format": "nanoflava-1", "model": {"w": torch.zeros(1)}, "image_tokenizer": Payload(str(marker)),
                 "model_cfg": {}, "step": 3, "vocab": []}, out / "ckpt.pt")
     with pytest.raises(SystemExit) as exit_:
         run(out, "--resume")
     assert exit_.value.code == 2  # one line, as argparse's errors, not a traceback
     [line] = capsys.readouterr().err.splitlines()
     assert re.fullmatch(r"train.py: error: refusing to load .*ckpt.pt.*possibly code.*", line)
-    assert not marker.exists() and not (out / "dvae.pt").exists()  # nothing ran, nothing was trained
+    assert not marker.exists() and not (out / "image_tokenizer.pt").exists()  # nothing ran, nothing was trained
 
 
 def test_resume_with_another_width_names_the_mismatching_shapes(tmp_path):
-    run(tmp_path, "--steps", 2, "--dvae_steps", 1)
-    with pytest.raises(ValueError, match=r"ckpt.pt dVAE does not fit.*codebook: checkpoint \(32, 192\) vs model "
+    run(tmp_path, "--steps", 2, "--image_tokenizer_steps", 1)
+    with pytest.raises(ValueError, match=r"ckpt.pt image tokenizer does not fit.*codebook: checkpoint \(32, 192\) vs model "
                                          r"\(48, 192\)"):
         run(tmp_path, "--steps", 2, "--codebook_size", 48, "--resume", "--resume_changes", "ok")
     with pytest.raises(ValueError, match=r"ckpt.pt model does not fit.*cls_token: checkpoint \(1, 1, 32\) "
@@ -462,8 +462,8 @@ def test_torchrun_two_ranks_match_one_process_with_the_whole_batch(tmp_path, mon
     equal those of one process with the whole batch. Every loss is on, with FLIP's keep ratio 0.5, ITM
     negatives and the masked pass on 3 of the 8 rows (2 on rank 0, 1 on rank 1). lr 0 keeps the weights of
     the later steps equal (Adam would turn a rounding difference in a near-zero gradient into a step of size
-    lr), and both runs share one dVAE (stage 1 draws its Gumbel noise per rank)."""
-    from model import DVAE, ModelConfig
+    lr), and both runs share one image tokenizer."""
+    from model import KMeansTokenizer, ModelConfig
 
     for i in range(13):
         Image.new("RGB", (20 + i, 24), (20 * i, 255 - 15 * i, 90)).save(tmp_path / f"{i}.png")
@@ -474,13 +474,13 @@ def test_torchrun_two_ranks_match_one_process_with_the_whole_batch(tmp_path, mon
                                                   + "\n" for i in range(13)))
     (tmp_path / "texts.txt").write_text("".join(f"text line {i} of {5 - i}\n" for i in range(5)))
     torch.manual_seed(0)
-    dvae = DVAE(ModelConfig.from_preset("tiny", image_size=32, patch_size=8, codebook_size=32))
+    image_tokenizer = KMeansTokenizer(ModelConfig.from_preset("tiny", image_size=32, patch_size=8, codebook_size=32))
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
-        dvae.codebook.uniform_()
-    torch.save(dvae.state_dict(), tmp_path / "dvae.pt")
+        image_tokenizer.codebook.uniform_()
+    torch.save(image_tokenizer.state_dict(), tmp_path / "image_tokenizer.pt")
     args = [*TINY, "--pairs", tmp_path / "pairs.jsonl", "--images", tmp_path / "classes", "--texts",
             tmp_path / "texts.txt", "--steps", 8, "--p_pairs", 0.34, "--p_images", 0.33, "--p_texts", 0.33,
-            "--dvae_ckpt", tmp_path / "dvae.pt", "--lr", 0, "--keep_ratio", 0.5, "--itm_neg_prob", 0.5,
+            "--image_tokenizer_ckpt", tmp_path / "image_tokenizer.pt", "--lr", 0, "--keep_ratio", 0.5, "--itm_neg_prob", 0.5,
             "--masked_pass_share", 0.375, "--init_std", 0.2]
     proc = torchrun([Path(__file__), *args, "--out_dir", tmp_path / "two"])
     try:  # meanwhile, the same run in this one process
@@ -512,7 +512,7 @@ def test_a_dying_rank_stops_the_whole_run(tmp_path):
     """SIGKILL one of two ranks mid-training: torchrun ends the other one and exits non-zero with a
     ChildFailedError that names the rank and the signal, instead of leaving rank 0 blocked in a collective."""
     out = tmp_path / "out"
-    proc = torchrun(["train.py", *TINY, "--steps", 100_000, "--dvae_steps", 1, "--out_dir", out])
+    proc = torchrun(["train.py", *TINY, "--steps", 100_000, "--image_tokenizer_steps", 1, "--out_dir", out])
     deadline = time.monotonic() + 180
     while not (out / "log.jsonl").exists() or '"joint"' not in (out / "log.jsonl").read_text():
         if proc.poll() is not None or time.monotonic() > deadline:

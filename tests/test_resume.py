@@ -19,7 +19,7 @@ import torch
 
 from test_reliability import ROOT, TINY, ckpt, finish, run, torchrun
 
-ARGS = ["--steps", 8, "--ckpt_every", 2, "--keep_ckpts", 4, "--dvae_steps", 2]
+ARGS = ["--steps", 8, "--ckpt_every", 2, "--keep_ckpts", 4, "--image_tokenizer_steps", 2]
 
 
 def record_steps(set_attr):
@@ -69,11 +69,11 @@ def test_only_rank0_sees_the_checkpoint_and_the_world_size_changes(tmp_path, mon
 
 
 def test_changed_flags_are_refused_unless_ok(tmp_path, capsys):
-    run(tmp_path, "--steps", 4, "--ckpt_every", 2, "--dvae_steps", 1)
+    run(tmp_path, "--steps", 4, "--ckpt_every", 2, "--image_tokenizer_steps", 1)
     capsys.readouterr()
     changes = ["--batch_size", 16, "--image_pool", "mean", "--mask_ratio", 0.5, "--steps", 6]
     with pytest.raises(SystemExit) as exit_:
-        run(tmp_path, "--steps", 4, "--ckpt_every", 2, "--dvae_steps", 1, "--resume", *changes)
+        run(tmp_path, "--steps", 4, "--ckpt_every", 2, "--image_tokenizer_steps", 1, "--resume", *changes)
     [line] = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and line.startswith("train.py: error: ") and "ckpt.pt" in line
     for change in ("--batch_size 8 -> 16", "--steps 4 -> 6", "--image_pool 'cls' -> 'mean'", "--mask_ratio 0.383 -> 0.5"):
@@ -81,8 +81,8 @@ def test_changed_flags_are_refused_unless_ok(tmp_path, capsys):
     assert len(re.findall(r" -> ", line)) == 4 and ckpt(tmp_path)["step"] == 4  # nothing else named, nothing ran
     # flags that cannot change the run pass: where it writes and logs, how it loads, saves and evaluates
     harmless = ["--log_every", 7, "--ckpt_every", 3, "--workers", 0, "--eval", "false", "--keep_ckpts", 1]
-    run(tmp_path, "--steps", 4, "--dvae_steps", 1, "--resume", *harmless)
-    run(tmp_path, "--steps", 6, "--ckpt_every", 2, "--dvae_steps", 1, "--resume", "--resume_changes", "ok")
+    run(tmp_path, "--steps", 4, "--image_tokenizer_steps", 1, "--resume", *harmless)
+    run(tmp_path, "--steps", 6, "--ckpt_every", 2, "--image_tokenizer_steps", 1, "--resume", "--resume_changes", "ok")
     assert ckpt(tmp_path)["step"] == 6 and ckpt(tmp_path)["train_cfg"]["steps"] == 6
     assert "--resume_changes ok: --steps 4 -> 6" in capsys.readouterr().out
 
@@ -104,30 +104,30 @@ def test_a_renamed_flag_still_works_and_names_the_new_one(capsys):
 
 
 def test_the_last_k_checkpoints_are_kept(tmp_path):
-    run(tmp_path, "--steps", 7, "--ckpt_every", 2, "--dvae_steps", 1, "--keep_ckpts", 2)
+    run(tmp_path, "--steps", 7, "--ckpt_every", 2, "--image_tokenizer_steps", 1, "--keep_ckpts", 2)
     kept = sorted(p.name for p in tmp_path.glob("ckpt_*.pt"))
     assert kept == ["ckpt_0000006.pt", "ckpt_0000007.pt"]
     assert [ckpt(tmp_path, name)["step"] for name in kept] == [6, 7] and ckpt(tmp_path)["step"] == 7
     assert os.path.samefile(tmp_path / "ckpt.pt", tmp_path / "ckpt_0000007.pt")  # a link, not a second copy
-    run(tmp_path / "none", "--steps", 2, "--dvae_steps", 1, "--keep_ckpts", 0)
+    run(tmp_path / "none", "--steps", 2, "--image_tokenizer_steps", 1, "--keep_ckpts", 0)
     assert not list((tmp_path / "none").glob("ckpt_*.pt"))
 
 
-@pytest.mark.parametrize("case", ["manifest", "shards", "vocab", "no_rows", "ckpt", "dvae"])
+@pytest.mark.parametrize("case", ["manifest", "shards", "vocab", "no_rows", "ckpt", "image_tokenizer"])
 def test_bad_input_at_the_start_is_one_line(case, tmp_path, capsys):
     """A missing manifest, shard folder or vocabulary, a manifest with no usable row, an unreadable checkpoint:
     one line naming the path and what was expected, exit status 2, before any training."""
     (tmp_path / "empty.jsonl").write_text('{"image": "../x.png", "caption": "outside"}\n')
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"half a checkpoint")
-    (tmp_path / "dvae.pt").write_bytes(b"")
+    (tmp_path / "image_tokenizer.pt").write_bytes(b"")
     args, expected = {
         "manifest": (["--pairs", tmp_path / "none.jsonl"], "pairs manifest not found: .*none.jsonl"),
         "shards": (["--shards", tmp_path / "none/{00000..00009}.tar"], "--shards .*none/.* no tar shard there"),
         "vocab": (["--vocab", tmp_path / "vocab.txt"], "vocabulary file not found: .*vocab.txt"),
         "no_rows": (["--pairs", tmp_path / "empty.jsonl"], ".*empty.jsonl: no usable rows"),
         "ckpt": (["--resume"], "cannot read checkpoint .*out/ckpt.pt"),
-        "dvae": (["--dvae_ckpt", tmp_path / "dvae.pt"], "cannot read dVAE checkpoint .*dvae.pt"),
+        "image_tokenizer": (["--image_tokenizer_ckpt", tmp_path / "image_tokenizer.pt"], "cannot read image tokenizer checkpoint .*image_tokenizer.pt"),
     }[case]
     with pytest.raises(SystemExit) as exit_:
         run(tmp_path / "out", *args)

@@ -200,7 +200,7 @@ def test_streamed_and_map_sources_share_the_steps(tmp_path):
         assert s != "texts" or torch.equal(a["ids"], b["ids"])
 
 
-SHARD_ARGS = ["--steps", 8, "--ckpt_every", 4, "--dvae_steps", 2, "--shard_buffer", 5, "--p_pairs", 1.0]
+SHARD_ARGS = ["--steps", 8, "--ckpt_every", 4, "--image_tokenizer_steps", 2, "--shard_buffer", 5, "--p_pairs", 1.0]
 
 
 def test_training_on_shards_resumes_exactly_and_counts_what_it_skips(tmp_path):

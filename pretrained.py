@@ -1,0 +1,216 @@
+"""FLAVA's published weights: Hugging Face's FLAVA (facebook/flava-full) read into nanoFLAVA, and DALL-E's encoder,
+FLAVA's published image tokenizer (dalle.py holds its architecture).
+
+Companion of model.py (used by train.py --init_from, eval.py --hf and the command below). Hugging Face stores
+q, k and v apart, adds BERT's token-type row to every text token and keeps tanh poolers that no pretraining
+output reads; hf_names is the explicit map from every nanoFLAVA tensor to the Hugging Face tensor(s) it is made
+of, and from_pretrained applies it. Files are read by weightfiles.py (torch alone, no safetensors package).
+
+    python pretrained.py convert flava-full out/flava/ckpt.pt [--codebook flava-image-codebook]
+    python -m pytest tests/test_pretrained.py
+"""
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import checkpoints
+from dalle import DalleEncoder
+from model import FLAVA, LOGIT_SCALE_MAX, ModelConfig
+from weightfiles import load_state, read_weights
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face's FLAVA in nanoFLAVA's names
+# ---------------------------------------------------------------------------------------------
+
+
+def codebook_state(path) -> dict:
+    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
+    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
+    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
+    out = {}
+    for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
+        if tensor is not None:
+            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
+            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
+                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
+            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
+    return out
+
+
+def load_codebook(path, cfg: ModelConfig) -> DalleEncoder:
+    """DALL-E's encoder from flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
+    state = codebook_state(path)
+    if not state:
+        raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
+    encoder = DalleEncoder(cfg)
+    load_state(encoder, state, f"{path} image codebook")
+    return encoder.requires_grad_(False).eval()
+
+
+# Hugging Face's FlavaConfig defaults (those of the `base` preset), for what a config.json leaves out
+_TOWER = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-12, hidden_act="gelu",
+              qkv_bias=True)
+HF_DEFAULTS = {"image_config": dict(_TOWER, num_hidden_layers=12, image_size=224, patch_size=16, vocab_size=8192),
+               "text_config": dict(_TOWER, num_hidden_layers=12, vocab_size=30522, max_position_embeddings=512),
+               "multimodal_config": dict(_TOWER, num_hidden_layers=6),
+               "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, vocab_size=8192)}
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face FlavaConfig (config.json). nanoFLAVA's encoders share one width, head
+    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
+    sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
+    img, txt, mm, cb = sub.values()
+    size, patch = (img[k][0] if isinstance(img[k], list) and len(set(img[k])) == 1 else img[k]
+                   for k in ("image_size", "patch_size"))  # [224, 224] -> 224
+    checks = {  # name: (value, what nanoFLAVA needs)
+        **{f"{k}.{key}": (sub[k][key], img[key]) for k in ("text_config", "multimodal_config") for key in _TOWER},
+        "image_config.hidden_act": (img["hidden_act"], "gelu"), "image_config.qkv_bias": (img["qkv_bias"], True),
+        "hidden_size": (hf.get("hidden_size", 768), img["hidden_size"]),
+        "intermediate_size % hidden_size": (img["intermediate_size"] % img["hidden_size"], 0),
+        "square image_size and patch_size": (isinstance(size, int) and isinstance(patch, int), True),
+        "image_codebook_config.vocab_size": (cb["vocab_size"], img["vocab_size"]),
+        "text_len <= max_position_embeddings": (overrides.get("text_len", 0) <= txt["max_position_embeddings"], True)}
+    problems = [f"{name}={got!r} (needs {want!r})" for name, (got, want) in checks.items() if got != want]
+    if problems:
+        raise ValueError("this Hugging Face FLAVA config does not fit nanoFLAVA: " + "; ".join(problems))
+    return ModelConfig.from_preset("base", **{**dict(
+        image_size=size, patch_size=patch, width=img["hidden_size"],
+        heads=img["num_attention_heads"], mlp_ratio=img["intermediate_size"] // img["hidden_size"],
+        image_layers=img["num_hidden_layers"], text_layers=txt["num_hidden_layers"], mm_layers=mm["num_hidden_layers"],
+        vocab_size=txt["vocab_size"], text_len=min(77, txt["max_position_embeddings"]),  # FLAVA's captions: 77 tokens
+        embed_dim=hf.get("projection_dim", 768), codebook_size=img["vocab_size"], ln_eps=img["layer_norm_eps"],
+        image_tokenizer="dalle", dalle_hidden=cb["hidden_size"], dalle_blocks=cb["num_blocks_per_group"]), **overrides})
+
+
+HF_HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head", "itm_head")
+
+
+def hf_names(cfg: ModelConfig) -> dict:
+    """nanoFLAVA tensor name -> the Hugging Face name(s) it is made of (FlavaForPreTraining's, less "flava.")."""
+    m = {"image_encoder.cls_token": "image_model.embeddings.cls_token", "logit_scale": "logit_scale",
+         "image_encoder.mask_token": "image_model.embeddings.mask_token",
+         "mm_encoder.cls_token": "multimodal_model.cls_token",
+         "image_encoder.pos_embed": "image_model.embeddings.position_embeddings",
+         "text_encoder.word_embed.weight": "text_model.embeddings.word_embeddings.weight",
+         "text_encoder.pos_embed": ("text_model.embeddings.position_embeddings.weight",
+                                    "text_model.embeddings.token_type_embeddings.weight")}
+    renames = {"image_encoder.patch_embed": "image_model.embeddings.patch_embeddings.projection",
+               "text_encoder.ln_embed": "text_model.embeddings.LayerNorm", "image_projection": "image_projection",
+               "mm_encoder.image_to_mm": "image_to_mm_projection", "mm_encoder.text_to_mm": "text_to_mm_projection",
+               "text_projection": "text_projection", "itm_head.pooler": "itm_head.pooler.dense",
+               "itm_head.classifier": "itm_head.seq_relationship"}
+    renames |= {f"{h}.{ours}": f"{h}.{theirs}" for h in HF_HEADS[:4] for ours, theirs in
+                (("dense", "transform.dense"), ("ln", "transform.LayerNorm"), ("decoder", "decoder"))}
+    for ours, hf, depth in (("image_encoder", "image_model", cfg.image_layers), ("mm_encoder", "multimodal_model",
+                            cfg.mm_layers), ("text_encoder", "text_model", cfg.text_layers)):
+        renames[f"{ours}.transformer.ln_f"] = f"{hf}.layernorm"
+        for i in range(depth):
+            a, b = f"{ours}.transformer.blocks.{i}", f"{hf}.encoder.layer.{i}"
+            renames |= {f"{a}.attn.proj": f"{b}.attention.output.dense", f"{a}.mlp.fc1": f"{b}.intermediate.dense",
+                        f"{a}.mlp.fc2": f"{b}.output.dense", f"{a}.ln1": f"{b}.layernorm_before",
+                        f"{a}.ln2": f"{b}.layernorm_after"}
+            m |= {f"{a}.attn.qkv.{w}": tuple(f"{b}.attention.attention.{x}.{w}" for x in ("query", "key", "value"))
+                  for w in ("weight", "bias")}
+    return m | {f"{ours}.{w}": f"{hf}.{w}" for ours, hf in renames.items() for w in ("weight", "bias")}
+
+
+def from_pretrained(path, **overrides) -> FLAVA:
+    """Hugging Face's FLAVA (a folder like facebook/flava-full: config.json and pytorch_model.bin or
+    model.safetensors) as a nanoFLAVA model; overrides are ModelConfig fields (image_size, text_len, ...). As
+    nanoGPT's GPT.from_pretrained, with an explicit name map (hf_names). q, k and v fuse into qkv; BERT's token-type row 0 (which it adds to every token)
+    folds into the text positions, cut from 512 to text_len; the encoders' tanh poolers (no pretraining output
+    reads them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is
+    an error. Image positions are resized for another image_size."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), **overrides)
+    state = {k.removeprefix("flava."): v for k, v in read_weights(folder, lambda k: "image_codebook." not in k).items()}
+    for h in HF_HEADS[:4]:  # the output bias is one tied tensor, saved as <head>.bias, decoder.bias or both
+        tied = state.pop(f"{h}.bias", None)
+        state[f"{h}.decoder.bias"] = state.get(f"{h}.decoder.bias", tied)
+    names = hf_names(cfg)
+    used = {n for src in names.values() for n in (src if isinstance(src, tuple) else (src,))}
+    dropped = re.compile(r"image_codebook\..*|(image|text|multimodal)_model\.pooler\.dense\.(weight|bias)|.*_ids")
+    unknown = sorted(k for k in state if k not in used and not dropped.fullmatch(k))
+    missing, heads = sorted(k for k in used if state.get(k) is None), sorted(k for k in used if k.startswith(HF_HEADS))
+    if unknown or missing and missing != heads:
+        raise ValueError(f"{folder}: tensors neither mapped nor knowingly dropped: {unknown[:8]}; "
+                         f"missing: {missing[:8]}")
+    if missing:
+        print(f"{folder}: no pretraining heads (a FlavaModel file): MIM, MLM, MMM and ITM keep their initialisation")
+    model = FLAVA(cfg)
+    ours = model.state_dict()
+    for name, src in names.items():
+        parts = [state[k].float() for k in (src if isinstance(src, tuple) else (src,)) if state.get(k) is not None]
+        if name == "text_encoder.pos_embed":  # (1, L, D): positions plus token type 0, which BERT adds to every token
+            ours[name] = (parts[0][: cfg.text_len] + parts[1][0])[None]
+        elif parts:  # q, k and v stacked on dim 0 are qkv's (3D, D) layout
+            ours[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    grid = math.isqrt(ours["image_encoder.pos_embed"].size(1) - 1)
+    if grid != cfg.grid:  # (1, 1 + g*g, D) -> (1, 1 + P, D): the patch rows resized as a g x g image, as HF does
+        pos, D = ours["image_encoder.pos_embed"], cfg.width
+        table = F.interpolate(pos[:, 1:].reshape(1, grid, grid, D).permute(0, 3, 1, 2), size=(cfg.grid, cfg.grid),
+                              mode="bicubic", align_corners=False)  # (1, D, G, G)
+        ours["image_encoder.pos_embed"] = torch.cat([pos[:, :1], table.flatten(2).transpose(1, 2)], dim=1)
+        print(f"{folder}: image positions resized bicubically from {grid} x {grid} to {cfg.grid} x {cfg.grid} patches")
+    # Hugging Face clamps logit_scale to [0, 4.6052] in training only; we clamp it to [0, ln 100] on every use, as
+    # CLIP, open_clip and TorchMultimodal do. Inside that range both give the same logits; outside it, we say so.
+    scale = float(ours["logit_scale"])
+    if not 0 <= scale <= LOGIT_SCALE_MAX:
+        ours["logit_scale"] = ours["logit_scale"].clamp(0, LOGIT_SCALE_MAX)
+        print(f"{folder}: logit_scale {scale:.6f} clamped to [0, ln 100]: contrastive logits x "
+              f"{math.exp(float(ours['logit_scale']) - scale):.6f}")
+    load_state(model, ours, str(folder))
+    return model
+
+
+def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
+    """A Hugging Face FLAVA folder as a nanoFLAVA checkpoint (as checkpoints.load_checkpoint returns one): the model,
+    DALL-E's encoder from the folder's image_codebook.* tensors or from `codebook` (facebook/flava-image-codebook;
+    None if neither has one), the vocabulary of vocab.txt, and how preprocessor_config.json resizes: "squash"
+    (the whole image to S x S: Hugging Face's FlavaImageProcessor with an integer or height-and-width size, its
+    default) or "crop" (shortest side, then the central square, as TorchMultimodal and nanoFLAVA's data.py)."""
+    model, folder = from_pretrained(path, **overrides), Path(path)
+    if not (folder / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
+    vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
+    codebook_tensors = codebook_state(codebook or path) or None
+    if codebook_tensors is None:
+        print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
+    else:
+        load_state(DalleEncoder(model.cfg), codebook_tensors, f"{codebook or folder} image codebook")  # shapes checked
+    pre = folder / "preprocessor_config.json"
+    size = json.loads(pre.read_text()).get("size", 224) if pre.is_file() else 224  # Hugging Face's default: 224
+    return {"format": checkpoints.FORMAT, "model": model.state_dict(), "image_tokenizer": codebook_tensors,
+            "model_cfg": asdict(model.cfg),
+            "step": 0, "vocab": [t.rstrip("\r") for t in (vocab[:-1] if vocab[-1] == "" else vocab)],
+            "converted_from": str(folder), "preprocess": "crop" if isinstance(size, dict) and "shortest_edge" in size
+            else "squash"}
+
+
+def main(argv=None):
+    """python pretrained.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER] (also: python model.py convert ...)."""
+    parser = argparse.ArgumentParser(description="A published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
+    parser.add_argument("command", choices=["convert"])
+    parser.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
+    parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
+    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
+    args = parser.parse_args(argv)
+    ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    checkpoints.save_atomic(ckpt, args.out)  # written whole, then renamed: never a torn checkpoint
+    print(f"wrote {args.out}: image tokenizer {'DALL-E encoder' if ckpt['image_tokenizer'] else 'none'}, "
+          f"{len(ckpt['vocab'])} word pieces")
+
+
+if __name__ == "__main__":
+    main()
