@@ -31,7 +31,10 @@ from dataclasses import asdict, fields, replace
 import torch
 from tqdm import tqdm
 
+import cli
+import distributed
 import flops
+import gradcache
 import losses
 import masking
 import model as M
@@ -127,7 +130,7 @@ class Ours(Runner):
             self.scaler.scale(loss).backward()
         else:  # as train.py runs it
             self.objective.cfg = self.loss_config(keep)
-            losses.accumulate(self.full, "pairs" if case == "accum" else case, batch, seed,
+            gradcache.accumulate(self.full, "pairs" if case == "accum" else case, batch, seed,
                               self.micro if case == "accum" else 0, lambda x: self.scaler.scale(x).backward(),
                               self.autocast)
         self.update()
@@ -188,7 +191,7 @@ def probe(spec):
     from the allocator on CUDA, from the profiler's allocation records on a CPU."""
     device, cfg, case, keep = torch.device(spec["device"]), M.ModelConfig(**spec["cfg"]), spec["case"], spec["keep"]
     torch.set_num_threads(spec["threads"])
-    dtype = train.resolve_dtype(spec["dtype"], device)
+    dtype = distributed.resolve_dtype(spec["dtype"], device)
     if device.type == "cuda" and spec.get("gpu_gb"):  # --fit: as if the GPU had this much memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_gb"] * 2**30 / torch.cuda.mem_get_info()[1]))
     share, micro = spec.get("masked_pass_share", 1.0), spec.get("micro", 0)
@@ -370,7 +373,7 @@ def precision(args):
         out = os.path.join(args.ablate_dir, f"precision_{dtype}")
         subprocess.run([sys.executable, "train.py", "--preset", args.preset, "--dtype", dtype, "--out_dir", out,
                         "--steps", str(args.precision_steps), "--image_tokenizer_steps", "50", "--log_every", "1", "--eval",
-                        "false", "--seed", str(args.seed)], check=True, stdout=subprocess.DEVNULL)
+                        "false", "--seed", str(args.seed), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(out, "log.jsonl")) as f:
             runs[dtype] = [r for r in map(json.loads, f) if r.get("stage") == "joint"]
     ms = {d: ms_per_step(os.path.join(args.ablate_dir, f"precision_{d}")) for d in runs}
@@ -411,7 +414,7 @@ def parse_args(argv):
     p.add_argument("--fit", action="store_true", help="the largest micro-batch that fits --gpu_gb (see fit())")
     p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see precision())")
     try:  # a renamed flag's old name works for one release, as in train.py
-        return p.parse_args(train.new_flag_names(sys.argv[1:] if argv is None else argv, "bench.py"))
+        return p.parse_args(cli.new_flag_names(sys.argv[1:] if argv is None else argv, "bench.py"))
     except ValueError as e:
         p.error(str(e))
 
@@ -424,7 +427,7 @@ def main(argv=None):
     if args.precision:
         return precision(args)
     try:
-        device = train.pick_device(args.device)
+        device = distributed.pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     sets = dict(kv.split("=", 1) for kv in args.set)
@@ -439,7 +442,7 @@ def main(argv=None):
     B = largest_batch(spec, device) if args.batch == "max" else int(args.batch)
     mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
            for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
-    dtype = train.resolve_dtype(args.dtype, device)
+    dtype = distributed.resolve_dtype(args.dtype, device)
     runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_pass_share, args.micro)}
     if any(side == "peer" for side, _, _ in jobs):
         runners["peer"] = Peer(cfg, device, dtype)

@@ -18,25 +18,26 @@ tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation
     python eval.py --ckpt out/ckpt.pt --pairs held_out.jsonl --classes photos/ --texts labelled.tsv
     python eval.py --hf flava-full --classes imagenet/val --class_names names.tsv   # the published FLAVA
     python -m pytest tests/test_eval.py tests/test_pretrained.py
+
+The file runs: frozen features -> the metrics of each task -> the synthetic world's held-out sets -> the suite
+(quick_eval, evaluate) -> the command line. Held-out files are read by heldout.py, figures drawn by figures.py.
 """
 import argparse
 import json
 import math
 import os
 import random
-import sys
-import textwrap
 import time
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
+import distributed
+import figures
+import heldout
 import masking
 from losses import codebook_stats
-import checkpoints
-import pretrained
 
 QUESTION_TYPES = {"how many": "count", "what colour": "colour", "is there": "yesno", "which shape": "which"}
 DROPS = (50, 75)  # % of patches dropped at inference, beside 0% (FLIP Table 1d)
@@ -123,7 +124,7 @@ def auc(pos, neg):
 def itm_metrics(model, tokenizer, images, captions, scenes, world, device, autocast):
     """ITM on held-out pairs: every pair matched, and with a random other pair's caption where that differs,
     a balanced set: itm_acc (argmax) and itm_auc (score = match logit - no-match logit). With the scene
-    graphs, also each pair against its caption with one attribute made false (data.ShapesWorld.hard_negative):
+    graphs, also each pair against its caption with one attribute made false (shapes.ShapesWorld.hard_negative):
     itm_auc_hard, and per kind of change (colour, shape, size, relation)."""
     n, rng = len(captions), random.Random(0)
     partner = [(j + rng.randrange(1, n)) % n for j in range(n)]  # uniform over the other pairs
@@ -277,7 +278,7 @@ def synthetic_classification_set(world, per_class=20):
 
 
 def vqa_set(world, n_scenes):
-    """Questions read off the scene graphs of n val scenes (data.ShapesWorld.questions) -> the scenes, and
+    """Questions read off the scene graphs of n val scenes (shapes.ShapesWorld.questions) -> the scenes, and
     rows (scene position, question, answer index in world.answers(), question type)."""
     scenes = [world.scene("val", FIRST["scenes"] + i) for i in range(n_scenes)]
     answers, rows = world.answers(), []
@@ -285,88 +286,6 @@ def vqa_set(world, n_scenes):
         for q, a in world.questions(scene, random.Random(f"vqa/{i}")):
             rows.append((i, q, answers.index(a), QUESTION_TYPES[" ".join(q.split()[:2])]))
     return scenes, rows
-
-
-def read_files(ds, indices):
-    """A file dataset's samples at indices -> (images (n, 3, S, S), [(index, sample)], unreadable count). A bad
-    file is dropped, not replaced by the next one as in training (a retrieval set must not repeat a pair)."""
-    good, bad = [], 0
-    for i in indices:
-        try:
-            sample = ds.load(i)
-        except RuntimeError:  # data.MAX_SKIPS unreadable files in a row
-            sample = {"skipped": [i]}
-        bad += bool(sample["skipped"])
-        good += [] if sample["skipped"] else [(i, sample)]
-    if not good:
-        raise ValueError(f"none of the {len(indices)} files read could be decoded")
-    return torch.stack([s["image"] for _, s in good]), good, bad
-
-
-def retrieval_set(ds, n):
-    """The first n rows of a data.FilePairs as the retrieval protocol has them: one image per distinct file
-    (read once), its captions, an exact duplicate row once. -> images (I, 3, S, S), captions [T], image_of (T,),
-    unreadable files (dropped with their captions)."""
-    first, rows = {}, {}
-    for i in range(min(n, len(ds))):
-        file, caption = ds.pair(i)
-        first.setdefault(file, i)
-        rows[file, caption] = None  # a dict: ordered, duplicates once
-    images, good, bad = read_files(ds, list(first.values()))
-    at = {ds.pair(i)[0]: k for k, (i, _) in enumerate(good)}  # file -> its image's place
-    kept = [(file, caption) for file, caption in rows if file in at]
-    return images, [c for _, c in kept], torch.tensor([at[f] for f, _ in kept]), bad
-
-
-def subset(n, cap):
-    """Up to cap of n indices in a fixed random order (a folder lists class after class; splits go by position)."""
-    return random.Random(0).sample(range(n), min(n, cap))
-
-
-def labelled_texts(ds):
-    """'label<TAB>text' lines of a data.TextFile -> (texts, labels (n,)); too few is an error."""
-    rows = [[part.strip() for part in line.split("\t", 1)] for line in ds.lines if "\t" in line]
-    names = sorted({label for label, _ in rows})
-    if len(rows) < 10 or len(names) < 2:
-        raise ValueError(f"--texts needs 'label<TAB>text' lines with at least 2 labels; found {len(rows)} of "
-                         f"{len(ds.lines)} lines labelled, labels {names[:5]}")
-    return [t for _, t in rows], torch.tensor([names.index(label) for label, _ in rows])
-
-
-def read_class_names(path, folders):
-    """--class_names: the name of each class sub-folder (a WordNet id, say), from 'folder<TAB>name' lines or a
-    JSON object {folder: name} (or ImageNet's {index: [folder, name]})."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        table = {v[0] if isinstance(v, list) else k: v[-1] if isinstance(v, list) else v
-                 for k, v in json.loads(text).items()}
-    else:
-        table = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
-    table = {k.strip().replace("_", " "): v.strip() for k, v in table.items()}  # as data.ImageFolder names folders
-    missing = [folder for folder in folders if folder not in table]
-    if missing:
-        raise ValueError(f"{path} names no class for the sub-folder(s) {missing[:5]} ({len(missing)} in all)")
-    return [table[folder] for folder in folders]
-
-
-def held_out_files(args, tokenizer, cfg, squash):
-    """--pairs as a data.FilePairs, --classes as a data.ImageFolder (None when not given), its classes named by
-    --class_names, and the templates of --prompts (one a line, {} for the class name; default data.PROMPTS). squash:
-    a published model's own resizing (Hugging Face's FLAVA: the whole image to a square)."""
-    pairs = data.FilePairs(args.pairs, cfg.image_size, tokenizer, cfg.text_len, train=False) if args.pairs else None
-    classes = data.ImageFolder(args.classes, cfg.image_size, train=False) if args.classes else None
-    prompts = data.PROMPTS
-    for files in (f for f in (pairs, classes) if f is not None):
-        files.squash = squash
-    if classes is not None and args.class_names:
-        classes.classes = read_class_names(args.class_names, classes.classes)
-    if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts = [t.strip() for t in f if "{}" in t]
-        if not prompts:
-            raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
-    return pairs, classes, prompts
 
 
 def zero_shot(model, tokenizer, images, labels, held, names, templates, device, autocast, drops=()):
@@ -401,31 +320,31 @@ def quick_eval(model, tokenizer, world, device, autocast, n_pairs=1000, per_clas
 def evaluate(model, image_tokenizer, tokenizer, world, device, autocast, n_pairs=1000, per_class=20, n_probe=2000,
              pairs=None, classes=None, texts=None, prompts=data.PROMPTS, mask_ratio=0.383):
     """The whole suite -> (results, shown): numbers under stable keys, and what the figures draw. Files
-    replace the synthetic data of the tasks they feed: pairs (data.FilePairs) retrieval, ITM and the image tokenizer
-    check; classes (data.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
-    (data.TextFile of 'label<TAB>text') a language probe. The rest runs when the checkpoint has a world."""
+    replace the synthetic data of the tasks they feed: pairs (manifests.FilePairs) retrieval, ITM and the image tokenizer
+    check; classes (manifests.ImageFolder) zero-shot, FLIP's question and an image-class probe; texts
+    (manifests.TextFile of 'label<TAB>text') a language probe. The rest runs when the checkpoint has a world."""
     model.eval()
 
-    def run(fn, *args, **kwargs):  # a frozen pass of this model
+    def frozen(fn, *args, **kwargs):  # a frozen pass of this model
         return fn(model, *args, device=device, autocast=autocast, **kwargs)
 
     results, shown, skipped = {}, {}, 0
     if pairs is not None or world is not None:  # with neither (e.g. only --classes): no paired task
-        results, shown, skipped = paired_tasks(run, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio)
+        results, shown, skipped = paired_tasks(frozen, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio)
     if classes is not None:
-        found, skipped_images, zs_images = file_classification(run, tokenizer, classes, prompts, n_probe)
+        found, skipped_images, zs_images = file_classification(frozen, tokenizer, classes, prompts, n_probe)
         results, skipped = results | found, skipped + skipped_images
         shown.setdefault("images", zs_images)  # what the tokenizer check and the figures use without pairs
     elif world is not None:
-        results |= run(zero_shot, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
+        results |= frozen(zero_shot, tokenizer, *synthetic_classification_set(world, per_class), world.prompt_templates,
                        drops=DROPS)
     if texts is not None:
-        lines, labels = labelled_texts(texts)
-        pick = subset(len(lines), n_probe)
-        cls = run(text_features, tokenizer, [lines[i] for i in pick])[0]  # (n, D)
+        lines, labels = heldout.labelled_texts(texts)
+        pick = heldout.subset(len(lines), n_probe)
+        cls = frozen(text_features, tokenizer, [lines[i] for i in pick])[0]  # (n, D)
         results["probe_text_label"] = mean(fit_head(cls, labels[pick], split_of(len(pick))))
     if world is not None:
-        results |= synthetic_probes(run, tokenizer, world, n_probe)
+        results |= synthetic_probes(frozen, tokenizer, world, n_probe)
     # ---- the image tokenizer: reconstruction from the hard codes beside the mean image, code use ------------
     if "images" in shown:
         results |= tokenizer_health(image_tokenizer, shown["images"].to(device).float() / 255, model.cfg.codebook_size)
@@ -433,75 +352,75 @@ def evaluate(model, image_tokenizer, tokenizer, world, device, autocast, n_pairs
     return results, shown
 
 
-def paired_tasks(run, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio):
+def paired_tasks(frozen, image_tokenizer, tokenizer, world, pairs, n_pairs, mask_ratio):
     """Retrieval, ITM and the fusion's masked predictions on held-out pairs (files, or the world's val scenes)
     -> (results, shown, skipped files)."""
     skipped, scenes = 0, []
     if pairs is not None:  # rows sharing an image file are one image with several captions (COCO, Flickr30k)
-        images, captions, image_of, skipped = retrieval_set(pairs, n_pairs)
+        images, captions, image_of, skipped = heldout.retrieval_set(pairs, n_pairs)
         skipped += pairs.num_skipped
     else:
         images, captions, scenes = synthetic_pairs(world, n_pairs)
         image_of = torch.arange(len(captions))
-    sim = run(image_features, images)[1] @ run(text_features, tokenizer, captions)[1].T  # (I, T)
+    sim = frozen(image_features, images)[1] @ frozen(text_features, tokenizer, captions)[1].T  # (I, T)
     results = {**retrieval(sim, image_of, captions), "retrieval_pairs": len(captions),
                "retrieval_images": len(images)}
     first = dict(zip(reversed(image_of.tolist()), reversed(captions)))  # image -> its first caption
     one_each = [first[i] for i in range(len(images))]  # ITM and fusion: one pair per image
-    results |= run(itm_metrics, tokenizer, images, one_each, scenes, world)
+    results |= frozen(itm_metrics, tokenizer, images, one_each, scenes, world)
     if image_tokenizer is not None:
-        results |= run(fusion_metrics, image_tokenizer, tokenizer, None if pairs is not None else world, images, one_each,
+        results |= frozen(fusion_metrics, image_tokenizer, tokenizer, None if pairs is not None else world, images, one_each,
                        scenes, mask_ratio)
     return results, {"images": images, "captions": captions, "sim": sim, "image_of": image_of}, skipped
 
 
-def file_classification(run, tokenizer, classes, prompts, n_probe):
+def file_classification(frozen, tokenizer, classes, prompts, n_probe):
     """Zero-shot classification (and FLIP's dropped-patch question) on an image folder, and a linear probe on
     its frozen [CLS_I] -> (results, skipped files, the images read)."""
-    images, good, skipped = read_files(classes, subset(len(classes), n_probe))
+    images, good, skipped = heldout.read_files(classes, heldout.subset(len(classes), n_probe))
     labels = torch.tensor([s["label"] for _, s in good])
-    results = run(zero_shot, tokenizer, images, labels, torch.zeros(len(labels), dtype=torch.bool), classes.classes,
+    results = frozen(zero_shot, tokenizer, images, labels, torch.zeros(len(labels), dtype=torch.bool), classes.classes,
                   prompts, drops=DROPS)
-    cls = run(image_features, images)[0]  # (n, D)
+    cls = frozen(image_features, images)[0]  # (n, D)
     results["probe_image_class"] = mean(fit_head(cls, labels, split_of(len(labels))))
     return results, skipped, images
 
 
-def synthetic_probes(run, tokenizer, world, n_probe):
+def synthetic_probes(frozen, tokenizer, world, n_probe):
     """Vision probes on [CLS_I] (shape, colour, object count), language probes on [CLS_T] (object count, the
     stated relation) and VQA on [CLS_M] beside image-only and text-only heads, on the world's val scenes."""
     results, split = {}, split_of(n_probe)
     every = [(c, s) for c in world.COLOURS for s in world.SHAPES]
     singles = [world.single("val", FIRST["singles"] + j, *random.Random(f"single/{j}").choice(every))
                for j in range(n_probe)]
-    cls = run(image_features, render(world, singles))[0]  # (n, D)
+    cls = frozen(image_features, render(world, singles))[0]  # (n, D)
     for what, vocab in (("shape", world.SHAPES), ("colour", world.COLOURS)):
         y = torch.tensor([vocab.index(s["objects"][0][what]) for s in singles])
         results[f"probe_image_{what}"] = mean(fit_head(cls, y, split))
     scenes, rows = vqa_set(world, n_probe)
     scene_images = render(world, scenes)
-    cls_i = run(image_features, scene_images)[0]  # (n, D)
+    cls_i = frozen(image_features, scene_images)[0]  # (n, D)
     y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
     results["probe_image_count"] = mean(fit_head(cls_i, y, split))
     scenes = [world.scene("val", FIRST["captions"] + i) for i in range(n_probe)]
     lines = [world.caption(s, random.Random(f"probe/{i}")) for i, s in enumerate(scenes)]
-    cls_t = run(text_features, tokenizer, lines)[0]  # (n, D)
+    cls_t = frozen(text_features, tokenizer, lines)[0]  # (n, D)
     y = torch.tensor([len(s["objects"]) - 1 for s in scenes])
     results["probe_text_count"] = mean(fit_head(cls_t, y, split))
     multi = y > 0  # the relation a caption states, or none ("and"), among captions of 2+ objects
     y = torch.tensor([next((k for k, r in enumerate(world.RELATIONS) if r in c), 4) for c in lines])  # 4: none
     results["probe_text_relation"] = mean(fit_head(cls_t[multi], y[multi], split[multi]))
-    return results | vqa_heads(run, tokenizer, scene_images, cls_i, rows, split)
+    return results | vqa_heads(frozen, tokenizer, scene_images, cls_i, rows, split)
 
 
-def vqa_heads(run, tokenizer, scene_images, cls_i, rows, split):
+def vqa_heads(frozen, tokenizer, scene_images, cls_i, rows, split):
     """VQA: a linear head on frozen [CLS_M] of (image, question), and the same on the image's [CLS_I] alone and
     the question's [CLS_T] alone, so that what fusion adds shows; overall and by kind of question."""
     results = {}
     at = torch.tensor([r[0] for r in rows])  # (q,) each question's scene
     questions, y, kinds = [r[1] for r in rows], torch.tensor([r[2] for r in rows]), [r[3] for r in rows]
-    inputs = {"multimodal": run(fused_features, tokenizer, scene_images, at, questions)[0],
-              "image_only": cls_i[at], "text_only": run(text_features, tokenizer, questions)[0]}
+    inputs = {"multimodal": frozen(fused_features, tokenizer, scene_images, at, questions)[0],
+              "image_only": cls_i[at], "text_only": frozen(text_features, tokenizer, questions)[0]}
     test_kinds = [k for k, s in zip(kinds, split[at].tolist()) if s == 2]
     for name, x in inputs.items():
         correct = fit_head(x, y, split[at])
@@ -525,97 +444,6 @@ def tokenizer_health(image_tokenizer, x, codebook_size):
     else:
         print("the image tokenizer (DALL-E's encoder, as published) has no decoder: no reconstruction error")
     return {**results, "codebook_perplexity": stats["perplexity"], "codebook_codes_used": stats["used"]}
-
-# ---------------------------------------------------------------------------------------------
-# Pictures (PIL only)
-# ---------------------------------------------------------------------------------------------
-
-
-def tiles(images, cols, scale=2, frames=None, row_texts=(), title="", pad=6):
-    """uint8 (n, 3, S, S) -> one PIL image: tiles row-major, enlarged, optionally framed in a colour, with a
-    title above and a text left of each row."""
-    S, left, top = images.shape[-1] * scale, 230 if row_texts else 0, 24 if title else 0
-    rows = math.ceil(len(images) / cols)
-    canvas = Image.new("RGB", (left + cols * (S + pad) + pad, top + rows * (S + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 6), title, fill="black")
-    for r, text in enumerate(row_texts):
-        draw.multiline_text((pad, top + pad + r * (S + pad)), "\n".join(textwrap.wrap(text, 32)), fill="black")
-    for k, image in enumerate(images):
-        x, y = left + pad + (k % cols) * (S + pad), top + pad + (k // cols) * (S + pad)
-        if frames:
-            draw.rectangle([x - 3, y - 3, x + S + 2, y + S + 2], outline=frames[k], width=3)
-        canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((S, S), Image.NEAREST), (x, y))
-    return canvas
-
-
-def hide(image, hidden, patch, fill):
-    """uint8 (3, S, S) with the patches where hidden (P,) is True painted in fill (r, g, b)."""
-    G = image.shape[-1] // patch
-    pixels = hidden.view(G, G).repeat_interleave(patch, 0).repeat_interleave(patch, 1)  # (S, S)
-    return torch.where(pixels, torch.tensor(fill, dtype=torch.uint8)[:, None, None], image)  # (3, S, S)
-
-
-def loss_curves(log_path, W=280, H=150, m=28):
-    """A panel per quantity of log.jsonl against the step, titled with its first and last value."""
-    rows = []
-    for line in open(log_path):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut off by a crash
-            pass
-    series = {}
-    for key in ("total", "gc", "itm", "mmm_image", "mmm_text", "mim", "mlm", "recon", "zeroshot_top1"):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        series.update({key: pts} if len(pts) > 1 else {})
-    if not series:
-        return None
-    canvas = Image.new("RGB", (3 * W, math.ceil(len(series) / 3) * H), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (key, pts) in enumerate(series.items()):
-        x0, y0, w, h = k % 3 * W + m, k // 3 * H + m, W - 2 * m, H - 2 * m  # the plot's box
-        (s0, v0), (s1, v1) = [min(p) for p in zip(*pts)], [max(p) for p in zip(*pts)]
-        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="grey")
-        draw.line([(x0 + w * (s - s0) / max(s1 - s0, 1e-9), y0 + h * (v1 - v) / max(v1 - v0, 1e-9)) for s, v in pts],
-                  fill=(40, 80, 220), width=2)
-        draw.text((x0, y0 - 20), f"{key}: {pts[0][1]:.3g} -> {pts[-1][1]:.3g} (range {v0:.3g}-{v1:.3g})", fill="black")
-        draw.text((x0, y0 + h + 4), f"steps {s0} - {s1}", fill="grey")
-    return canvas
-
-
-@torch.no_grad()
-def write_figures(out_dir, model, image_tokenizer, shown, log_path="", mask_ratio=0.383, device="cpu"):
-    """retrieval.png, masks.png, image_tokenizer.png and (with a log) loss_curves.png in out_dir -> their paths."""
-    images, cfg, figures = shown["images"], model.cfg, {}
-    if "sim" in shown:  # text -> image retrieval: captions beside their top-5 images, the true one framed green
-        captions, sim, true = shown["captions"], shown["sim"], shown["image_of"].tolist()
-        queries = range(min(4, len(captions)))
-        top = [sim[:, q].topk(min(5, len(images))).indices for q in queries]  # each (5,)
-        rank = [int((sim[:, q] >= sim[true[q], q]).sum()) for q in queries]  # ties count against, as in recall_at_k
-        figures["retrieval.png"] = tiles(images[torch.cat(top)], len(top[0]), row_texts=[
-            f"{captions[q]} (true image: rank {rank[q]})" for q in queries],
-            frames=[(40, 160, 60) if i == true[q] else (200, 200, 200) for q in queries for i in top[q].tolist()])
-    # what the model sees: BEiT's block mask (MIM / MMM, grey) and FLIP's 50% drop (contrastive pass, black)
-    gen, shows = torch.Generator().manual_seed(0), []
-    for image in images[:3]:
-        masked = masking.block_mask(1, cfg.grid, round(mask_ratio * cfg.num_patches), generator=gen)[0]  # (P,)
-        dropped = torch.ones(cfg.num_patches, dtype=torch.bool)
-        dropped[masking.random_keep(1, cfg.num_patches, 0.5, generator=gen)[0]] = False  # (P,) True = dropped
-        shows += [image, hide(image, masked, cfg.patch_size, (128,) * 3), hide(image, dropped, cfg.patch_size, (0,) * 3)]
-    figures["masks.png"] = tiles(torch.stack(shows), 3, scale=3, title="input | BEiT block mask | FLIP 50% drop")
-    # the image tokenizer: inputs above their reconstructions from the hard codes
-    if hasattr(image_tokenizer, "decode_indices"):
-        x = images[:8].to(device).float() / 255  # (8, 3, S, S)
-        recon = (image_tokenizer.decode_indices(image_tokenizer.codebook_indices(x)) * 255).round().byte().cpu()  # (8, 3, S, S)
-        figures["image_tokenizer.png"] = tiles(torch.cat([images[:8], recon]), len(x),
-                                    title="inputs, and their image-tokenizer reconstructions")
-    else:
-        print("image_tokenizer.png not drawn: no image tokenizer with a decoder (DALL-E's published encoder has none)")
-    figures["loss_curves.png"] = loss_curves(log_path) if log_path and os.path.exists(log_path) else None
-    figures = {os.path.join(out_dir, name): picture for name, picture in figures.items() if picture is not None}
-    for path, picture in figures.items():
-        picture.save(path)
-    return list(figures)
 
 # ---------------------------------------------------------------------------------------------
 # The command line
@@ -649,48 +477,24 @@ def parse_args(argv=None):
     return args
 
 
-def open_inputs(args, device):
-    """Every input opened, or refused with one line naming the path and what was expected (exit status 2, as
-    argparse), before any compute -> (checkpoint, model, tokenizer, image tokenizer, world, pairs, classes, texts, prompts)."""
-    try:
-        ckpt = pretrained.pretrained_checkpoint(args.hf) if args.hf else checkpoints.load_checkpoint(args.ckpt)
-        model, image_tokenizer = checkpoints.models_from_checkpoint(ckpt, device)  # the checkpoint's own config and tokenizer
-        tokenizer, train_cfg = data.Tokenizer(ckpt["vocab"]), ckpt.get("train_cfg", {})
-        S, L = model.cfg.image_size, model.cfg.text_len
-        files = train_cfg.get("pairs") or train_cfg.get("shards")  # trained on files, or published: real data
-        synthetic = not files and "converted_from" not in ckpt
-        world = data.ShapesWorld(image_size=S, seed=train_cfg.get("seed", 0)) if synthetic else None
-        pairs, classes, prompts = held_out_files(args, tokenizer, model.cfg, ckpt.get("preprocess") == "squash")
-        texts = data.TextFile(args.texts, tokenizer, L) if args.texts else None
-        if texts is not None:
-            labelled_texts(texts)
-        if world is None and pairs is None and classes is None:
-            raise ValueError(f"{args.ckpt or args.hf} was not trained on the synthetic world: give held-out pairs "
-                             "with --pairs and/or an image folder with --classes (and --texts for more tasks)")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    return ckpt, model, tokenizer, image_tokenizer, world, pairs, classes, texts, prompts
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    from train import pick_device, resolve_dtype  # train.py imports this file: imported here, once both are loaded
     try:
-        t0, device = time.time(), pick_device(args.device)
+        t0, device = time.time(), distributed.pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"eval.py: {e}") from None
-    dtype = resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with native bf16
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # the probe heads: fp32
-    ckpt, model, tokenizer, image_tokenizer, world, pairs, classes, texts, prompts = open_inputs(args, device)
+    dtype = distributed.resolve_dtype("auto", device)  # as training's default: fp16 on CUDA, bf16 on a CPU with bf16
+    autocast = distributed.autocast(device, dtype)  # the probe heads train in fp32
+    ckpt, model, tokenizer, image_tokenizer, world, pairs, classes, texts, prompts = heldout.open_inputs(args, device)
     mask_ratio = ckpt.get("loss_cfg", {}).get("mask_ratio", 0.383)
     results, shown = evaluate(model, image_tokenizer, tokenizer, world, device, autocast, args.n_pairs, args.per_class,
                               args.n_probe, pairs, classes, texts, prompts, mask_ratio)
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else ""  # --hf: out/ by default
     os.makedirs(out_dir := args.out_dir or ckpt_dir or "out", exist_ok=True)
     log = os.path.join(ckpt_dir, "log.jsonl") if ckpt_dir else ""
-    figures = [] if args.skip_figures else write_figures(out_dir, model, image_tokenizer, shown, log, mask_ratio, device)
+    drawn = [] if args.skip_figures else figures.write_figures(out_dir, model, image_tokenizer, shown, log, mask_ratio,
+                                                               device)
     results.update(step=ckpt["step"], eval_seconds=round(time.time() - t0, 1))
     path = os.path.join(out_dir, "eval.json")
     try:  # the training run's own timings, written there by train.py, stay beside the suite's figures
@@ -701,8 +505,9 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump({k: None if v != v else v for k, v in results.items()}, f, indent=1)  # NaN (no test rows): null
     print(format_table(results))
-    print("\n".join(f"wrote {p}" for p in [path, *figures]))
+    print("\n".join(f"wrote {p}" for p in [path, *drawn]))
 
 
 if __name__ == "__main__":
     main()
+

@@ -526,16 +526,16 @@ class KMeansTokenizer(nn.Module):
         """One step of mini-batch k-means on a batch's patches, the same on every rank (counts and
         sums are summed over ranks). The first call seeds the codebook with random patches."""
         x = self.patches(images01).flatten(0, 1)  # (n, 3 p p), n = B P
-        world = dist_.get_world_size() if _distributed() else 1
+        world_size = dist_.get_world_size() if _distributed() else 1
         C = self.codebook.size(0)
-        per_code = world * x.size(0) / C  # patches a code would get if all were used evenly
+        per_code = world_size * x.size(0) / C  # patches a code would get if all were used evenly
         if not self.usage.any():  # the first step: C random patches of the batch
             self._reseed(torch.ones(C, dtype=torch.bool, device=x.device), x, torch.ones_like(x[:, 0]), per_code,
                          generator)
         index, err = self.nearest(x)  # (n,), (n,) squared error of each patch's code
         counts = torch.bincount(index, minlength=C).float()  # (C,)
         sums = torch.zeros_like(self.codebook).index_add_(0, index, x)  # (C, 3 p p)
-        if world > 1:
+        if world_size > 1:
             dist_.all_reduce(counts)
             dist_.all_reduce(sums)
         # EMAs of each code's patch count N (`usage`) and patch sum M (VQ-VAE App. A.1); a code is M / N.

@@ -1,4 +1,4 @@
-"""Gradient accumulation that keeps every negative (losses.accumulate, GradCache): W processes (W = 1, 2, gloo,
+"""Gradient accumulation that keeps every negative (gradcache.accumulate, GradCache): W processes (W = 1, 2, gloo,
 real DDP, reducing at the last micro-step only) each splitting its rows into 1, 2 or 4 micro-batches must give
 the losses and the gradients of one process with the whole batch in one forward, for the paired step (GC + ITM +
 MMM, FLIP keep 0.5, ITM negatives, a masked pass on 3 of 8 rows, ITM read from either pass) and the image-only
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import gradcache
 import losses
 from model import KMeansTokenizer, FLAVA, ModelConfig
 from test_distributed import (CFG, LOSS, N_GLOBAL, SEED, initial_state, join_gloo, max_rel_err, rank_batch,
@@ -49,7 +50,7 @@ def reference(state, source, masked_pass):
 
 def accumulated(state, source, masked_pass, batch, micro, wrap=lambda fn: fn):
     fn = loss_fn(state, masked_pass)
-    out = losses.accumulate(wrap(fn), source, batch, SEED, micro, backward=lambda loss: loss.backward())
+    out = gradcache.accumulate(wrap(fn), source, batch, SEED, micro, backward=lambda loss: loss.backward())
     return {k: v.item() for k, v in out.items()}, grads_of(fn)
 
 
@@ -72,7 +73,7 @@ def test_one_process_in_micro_batches_matches_one_big_batch():
 
     # Naive accumulation: the same micro-batches and draws, each with its own contrastive loss (2 rows, 1 negative).
     fn, k = loss_fn(state, "joint"), 4
-    parts = losses.split(fn, "pairs", batch, fn.draw("pairs", batch, SEED), N_GLOBAL // k)
+    parts = gradcache.split(fn, "pairs", batch, fn.draw("pairs", batch, SEED), N_GLOBAL // k)
     for micro, draws in parts:
         out = fn("pairs", micro, SEED, draws=draws)
         (out["total"] - out["gc"] * (1 - 1 / k)).backward()  # the mean of the k micro-batches' GC
@@ -170,7 +171,7 @@ def test_micro_batches_match_one_big_batch_in_reduced_precision_on_a_gpu(dtype):
     for micro in (0, 2):
         fn = loss_fn(state, "joint").cuda()
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        losses.accumulate(fn, "pairs", batch, SEED, micro, lambda loss: scaler.scale(loss).backward(),
+        gradcache.accumulate(fn, "pairs", batch, SEED, micro, lambda loss: scaler.scale(loss).backward(),
                           torch.autocast("cuda", dtype=dtype))
         grads.append([g / scaler.get_scale() for g in grads_of(fn)])
     assert max(max_rel_err(a, b) for a, b in zip(*grads) if b.any()) < 0.05

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 import data  # the repository root is on sys.path via conftest.py
-from data import (SPECIALS, FilePairs, ImageFolder, Mixture, MixtureBatchSampler, ShapesWorld,
-                  SyntheticImages, SyntheticPairs, SyntheticTexts, TextFile, Tokenizer, collate,
-                  image_transform, make_loader, read_image)
+from data import (SPECIALS, Mixture, MixtureBatchSampler, SyntheticImages, SyntheticPairs, SyntheticTexts,
+                  Tokenizer, collate, image_transform, make_loader, read_image)
+from manifests import FilePairs, ImageFolder, TextFile
+from shapes import ShapesWorld
 
 CORPUS = ["a red circle, to the left of a blue square", "there is a small green triangle.",
           "A photo of a big yellow star!", "an image of a purple cross above a brown box"]

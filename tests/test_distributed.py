@@ -209,16 +209,16 @@ def _step_worker(rank, world, port, state, out_path):
     join_gloo(rank, world, port)
     try:
         local, results = rank_batch(rank, world)[1], {}
-        real_divisors = losses.FLAVALoss._divisors
+        real_divisors = losses.FLAVALoss.divisors
         for run in ("pairs", "images", "texts", "control"):
             if run == "control":  # the negative control: each rank's masked losses a mean over its own positions
-                losses.FLAVALoss._divisors = staticmethod(lambda world, **counts: real_divisors(1, **counts))
+                losses.FLAVALoss.divisors = staticmethod(lambda world_size, **counts: real_divisors(1, **counts))
             draws, values, grads = one_step(state, "pairs" if run == "control" else run, local)
             for g in grads:  # DDP: all-reduce SUM, divide by W
                 dist.all_reduce(g)
                 g /= world
             gathered = [None] * world
-            dist.all_gather_object(gathered, (draws, values))
+            dist.all_gather_object(gathered, (draws._asdict(), values))  # plain dicts: torch.load's weights_only
             results[run] = (gathered, grads)
         if rank == 0:
             torch.save(results, out_path)
@@ -241,12 +241,12 @@ def test_gloo_ranks_match_one_big_batch_for_the_whole_step(world, masked_pass, t
     for source in ("pairs", "images", "texts"):
         ref_draws, ref_values, ref_grads = one_step(state, source, batch)
         gathered, grads = results[source]
-        for key, ref in ref_draws.items():
+        for key, ref in ref_draws._asdict().items():
             if torch.is_tensor(ref):  # rows are local: rank r's row i is global row r * n + i
                 got = torch.cat([d[key] + (r * n if key == "rows" else 0) for r, (d, _) in enumerate(gathered)])
                 assert torch.equal(got, ref), (source, key)
         if source == "pairs":
-            assert 0 < int((~ref_draws["swap"]).sum()) < 3 and ref_draws["rows"].tolist() == [0, 2, 5]
+            assert 0 < int((~ref_draws.swap).sum()) < 3 and ref_draws.rows.tolist() == [0, 2, 5]
         for key, ref in ref_values.items():
             assert sum(v[key] for _, v in gathered) / world == pytest.approx(ref, rel=1e-5), (source, key)
         assert sum(bool(g.any()) for g in ref_grads) > 10

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import shapes
 import eval as E
 from conftest import SMALL
 from model import KMeansTokenizer, FLAVA, ModelConfig
 
-WORLD = data.ShapesWorld(image_size=32)
+WORLD = shapes.ShapesWorld(image_size=32)
 
 
 def test_recall_at_k_by_hand_with_ties():

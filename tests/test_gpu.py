@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 import data
+import shapes
 import losses
+import distributed
 import train
 from conftest import SMALL
 from model import KMeansTokenizer, FLAVA, ModelConfig
@@ -41,7 +43,7 @@ def make_step(device=CUDA, **loss_kw):
     model, image_tokenizer = FLAVA(cfg).to(device), KMeansTokenizer(cfg).to(device)
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
         image_tokenizer.codebook.uniform_()
-    loss_kw = {"keep_ratio": 0.5, "itm_neg_prob": 0.5, "masked_pass_share": 0.5, **loss_kw}
+    loss_kw = {"keep_ratio": 0.5, "itm_neg_prob": 0.5, "masked_pass_share": 0.5, "masked_pass": "split", **loss_kw}
     return losses.FLAVALoss(model, image_tokenizer, losses.LossConfig(**loss_kw), mask_id=MASK, special_ids=SPECIALS), cfg
 
 
@@ -125,16 +127,16 @@ def test_the_draws_of_a_step_on_a_cuda_generator():
     draws = loss_fn.draw("pairs", batch, seed=3)
     again, other = loss_fn.draw("pairs", batch, seed=3), loss_fn.draw("pairs", batch, seed=4)
     on_cpu = loss_fn.to("cpu").draw("pairs", {k: v.cpu() for k, v in batch.items()}, seed=3)
-    tensors = [k for k, v in draws.items() if torch.is_tensor(v)]
-    assert all(draws[k].device == CUDA and torch.equal(draws[k], again[k]) for k in tensors)
-    assert not torch.equal(draws["keep_idx"], other["keep_idx"])
-    assert not torch.equal(draws["masked_ids"], other["masked_ids"])
-    assert torch.equal(draws["patch_masked"].cpu(), on_cpu["patch_masked"])
+    tensors = [k for k, v in draws._asdict().items() if torch.is_tensor(v)]
+    assert all(getattr(draws, k).device == CUDA and torch.equal(getattr(draws, k), getattr(again, k)) for k in tensors)
+    assert not torch.equal(draws.keep_idx, other.keep_idx)
+    assert not torch.equal(draws.masked_ids, other.masked_ids)
+    assert torch.equal(draws.patch_masked.cpu(), on_cpu.patch_masked)
     n = B // 2
-    assert draws["keep_idx"].shape == (B, P // 2) and (draws["keep_idx"].diff(dim=1) > 0).all()
-    assert draws["rows"].tolist() == list(range(0, B, 2)) and draws["patch_masked"].shape == (n, P)
-    assert (draws["patch_masked"].sum(1) <= loss_fn.n_masked).all()
-    labels, swapped = draws["text_labels"], draws["swap"].float().mean().item()
+    assert draws.keep_idx.shape == (B, P // 2) and (draws.keep_idx.diff(dim=1) > 0).all()
+    assert draws.rows.tolist() == list(range(0, B, 2)) and draws.patch_masked.shape == (n, P)
+    assert (draws.patch_masked.sum(1) <= loss_fn.n_masked).all()
+    labels, swapped = draws.text_labels, draws.swap.float().mean().item()
     assert (labels != -100).sum().item() / (n * (cfg.text_len - 2)) == pytest.approx(0.15, abs=0.03)
     assert 0.3 < swapped < 0.7  # itm_neg_prob 0.5 (a partner with the same caption does not count)
 
@@ -142,7 +144,7 @@ def test_the_draws_of_a_step_on_a_cuda_generator():
 def test_pinned_memory_copies_arrive_intact():
     """A DataLoader with pin_memory gives pinned batches; train.to_device's non-blocking copies of them, and
     the block masks losses.py pins and copies, equal their sources once the stream has run."""
-    world = data.ShapesWorld(image_size=32)
+    world = shapes.ShapesWorld(image_size=32)
     tokenizer = data.Tokenizer.from_corpus(world.vocabulary())
     mixture = data.Mixture({"pairs": data.SyntheticPairs(world, "train", tokenizer, 16)})
     sampler = data.MixtureBatchSampler({"pairs": len(mixture.sources["pairs"])}, {"pairs": 1.0}, 64, steps=2)
@@ -159,14 +161,14 @@ def test_pinned_memory_copies_arrive_intact():
 
 
 def test_one_process_nccl_group_runs_the_distributed_step(monkeypatch):
-    """train.setup_distributed under torchrun's variables with one GPU: NCCL on cuda:0. The differentiable
+    """distributed.setup_distributed under torchrun's variables with one GPU: NCCL on cuda:0. The differentiable
     all_gather runs through NCCL, and DDP over the FLAVA step gives the gradients of the plain step."""
     from test_distributed import free_port
 
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
-    rank, local_rank, world, device = train.setup_distributed("auto")
+    rank, local_rank, world, device = distributed.setup_distributed("auto")
     try:
         assert (rank, local_rank, world, device) == (0, 0, 1, CUDA) and dist.get_backend() == "nccl"
         x = torch.randn(4, 8, device=CUDA, requires_grad=True)
@@ -189,3 +191,24 @@ def test_one_process_nccl_group_runs_the_distributed_step(monkeypatch):
             assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() < 1e-5
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_trains_in_ddps_precision_under_fp16_on_nccl(monkeypatch):
+    """One process, NCCL, fp16 autocast with its GradScaler: FSDP (distributed.shard) keeps the encoders' residual
+    streams in fp32 as DDP does, and five steps of every kind give DDP's losses (test_fsdp.py's check in bf16 on
+    gloo; here the 65,504 ceiling that FSDP's param_dtype=fp16 would bring into the residual stream)."""
+    from test_distributed import free_port
+    from test_fsdp import SOURCES, precision_run
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    distributed.setup_distributed("auto")
+    try:
+        (ddp, ddp_dtypes), (fsdp, fsdp_dtypes) = (precision_run(kind, CUDA, torch.float16, 0, 1) for kind in ("ddp", "fsdp"))
+    finally:
+        dist.destroy_process_group()
+    assert ddp_dtypes == fsdp_dtypes == [("fused", "torch.float32"), ("hidden", "torch.float32")]
+    for t, (a, b) in enumerate(zip(ddp, fsdp)):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (t, SOURCES[t], k)

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import data
+import manifests
 
 
 def test_rows_read_by_offset_equal_a_plain_parse(tmp_path):
@@ -24,7 +25,7 @@ def test_rows_read_by_offset_equal_a_plain_parse(tmp_path):
     lines = [json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)]
     lines[10:10] = ["", "   ", "{broken"]  # blank lines are not rows; a malformed one is skipped and counted
     (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())  # with a byte-order mark
-    ds = data.FilePairs(tmp_path / "p.jsonl", 8, None, 8)
+    ds = manifests.FilePairs(tmp_path / "p.jsonl", 8, None, 8)
     assert len(ds) == 50 and ds.num_skipped == 1 and ds.skipped[0][0] == 13  # line numbers as in an editor
     assert [ds.pair(i) for i in range(50)] == [(str(tmp_path / r["image"]), r["caption"]) for r in rows]
     assert ds.rows.starts.dtype == np.int64 and ds.rows[-1]  # numpy offsets; a negative index reads the last row
@@ -38,7 +39,7 @@ def test_rows_read_by_offset_equal_a_plain_parse(tmp_path):
         if i == 1:
             buf.write("\r\n")  # a blank record between rows
     (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbf" + buf.getvalue().encode())
-    ds = data.FilePairs(tmp_path / "p.csv", 8, None, 8)
+    ds = manifests.FilePairs(tmp_path / "p.csv", 8, None, 8)
     assert [ds.pair(i)[1] for i in range(len(ds))] == captions and ds.num_skipped == 0
 
 
@@ -49,7 +50,7 @@ def test_an_index_costs_about_8_bytes_a_row(tmp_path):
     n = 20_000
     with open(tmp_path / "p.jsonl", "w") as f:
         f.writelines(json.dumps({"image": "a.png", "caption": f"a picture with the number {i}"}) + "\n" for i in range(n))
-    ds = data.FilePairs(tmp_path / "p.jsonl", 8, None, 8)
+    ds = manifests.FilePairs(tmp_path / "p.jsonl", 8, None, 8)
     assert len(ds) == n and len(pickle.dumps(ds)) < 8 * n + 4096
     assert ds.pair(12_345)[1] == "a picture with the number 12345"
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 import data
 import eval as E
+import heldout
 import checkpoints
 import dalle
 import flops
@@ -340,7 +341,7 @@ def test_convert_then_eval_and_eval_hf_with_class_names(tmp_path, capsys, monkey
     for table in ({"n0001": "red square", "n0002": "blue circle"},  # {folder: name}, ImageNet's {index: [folder, name]}
                   {"0": ["n0001", "red square"], "1": ["n0002", "blue circle"]}):
         (tmp_path / "names.json").write_text(json.dumps(table))
-        assert E.read_class_names(str(tmp_path / "names.json"), ["n0001", "n0002"]) == ["red square", "blue circle"]
+        assert heldout.read_class_names(str(tmp_path / "names.json"), ["n0001", "n0002"]) == ["red square", "blue circle"]
     (tmp_path / "bad.tsv").write_text("n0001\tred square\n")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # bad input: one line on stderr, exit status 2 (as argparse)

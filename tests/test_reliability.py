@@ -150,6 +150,7 @@ def test_file_crops_depend_only_on_seed_and_stream_position(tmp_path):
     """Random crops of file datasets are a function of (seed, source, position in the stream): the same
     with 0 or 2 loader workers and whatever the global `random` holds, and different in the next epoch."""
     import data
+    import manifests
 
     rng = np.random.default_rng(0)
     rows = []
@@ -158,7 +159,7 @@ def test_file_crops_depend_only_on_seed_and_stream_position(tmp_path):
         rows.append(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
     tok = data.Tokenizer.from_corpus([f"picture {i}" for i in range(5)])
-    mixture = data.Mixture({"pairs": data.FilePairs(tmp_path / "pairs.jsonl", 16, tok, 8)})
+    mixture = data.Mixture({"pairs": manifests.FilePairs(tmp_path / "pairs.jsonl", 16, tok, 8)})
 
     def images(workers, python_seed):
         random.seed(python_seed)
@@ -294,19 +295,80 @@ def test_non_finite_loss_stops_the_run_before_the_next_checkpoint(tmp_path, monk
     assert [r["step"] for r in log_rows(tmp_path) if r.get("stage") == "joint"] == [5]
 
 
-def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    """fp16 + GradScaler (here on the CPU): steps whose unscaled gradients are not finite are skipped by the
-    scaler, and overflow_steps counts exactly those (each one halved the scale); the run goes on."""
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a step whose loss is finite but whose gradients
+    overflow, which is what fp16's GradScaler exists for."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def overflow_gradients(monkeypatch, steps=None):
+    """The gradients of the given (1-based) steps overflow (every step's with steps=None); the losses stay finite."""
+    import losses
     import train
 
-    monkeypatch.setattr(train, "resolve_dtype", lambda name, device: torch.float16)
-    poison(monkeypatch, {3, 5}, math.inf)
+    real_forward = losses.FLAVALoss.forward
+    seeds = None if steps is None else {train.step_seed(0, s - 1) for s in steps}
+
+    def forward(self, source, batch, seed):
+        out = real_forward(self, source, batch, seed)
+        if seeds is None or seed in seeds:
+            out["total"] = InfiniteGradient.apply(out["total"])
+        return out
+
+    monkeypatch.setattr(losses.FLAVALoss, "forward", forward)
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    """fp16 + GradScaler (here on the CPU): steps whose gradients overflow (their losses are finite) are skipped
+    by the scaler, and overflow_steps counts exactly those (each one halved the scale); the run goes on."""
+    import distributed
+
+    monkeypatch.setattr(distributed, "resolve_dtype", lambda name, device: torch.float16)
+    overflow_gradients(monkeypatch, {3, 5})
     run(tmp_path, "--steps", 8, "--ckpt_every", 100)
     saved = ckpt(tmp_path)
     skipped = round(math.log2(65536.0 / saved["scaler"]["scale"]))  # GradScaler's initial scale, halved per skip
-    last = [r for r in log_rows(tmp_path) if r.get("stage") == "joint"][-1]
-    assert last["step"] == 8 and last["overflow_steps"] == skipped >= 2
+    rows = [r for r in log_rows(tmp_path) if r.get("stage") == "joint"]
+    assert rows[-1]["step"] == 8 and rows[-1]["overflow_steps"] == skipped >= 2  # the first steps may overflow too
+    assert all(r["grad_norm"] != r["grad_norm"] for r in rows if r["step"] in (3, 5))  # NaN: skipped, not stopped
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_fp16_stops_on_a_non_finite_loss_as_fp32_does(tmp_path, monkeypatch):
+    """fp16: a forward that diverges (an infinite loss at step 7) stops the run at the next log line, naming
+    the step and the term, with the last good checkpoint (step 5) kept, as fp32 and bf16 do; the scaler would
+    otherwise skip every such step for ever. (Before: fp16 ignored every non-finite value, losses included.)"""
+    import distributed
+
+    monkeypatch.setattr(distributed, "resolve_dtype", lambda name, device: torch.float16)
+    poison(monkeypatch, {7}, math.inf)
+    with pytest.raises(FloatingPointError, match=r"non-finite (gc|itm|mim|mlm|mmm_\w+) at step 7, .*total at step 7"
+                       ) as err:
+        run(tmp_path, "--steps", 12, "--ckpt_every", 5, "--log_every", 100)
+    assert "step 5" in str(err.value) and ckpt(tmp_path)["step"] == 5
+
+
+def test_fp16_stops_when_the_loss_scale_falls_below_its_floor(tmp_path, monkeypatch):
+    """fp16 with every step's gradients overflowing: the scale halves each step (2^16 -> 2^8 by step 8), and
+    the run stops at the log line where it is below --min_loss_scale (here 1000), naming the scale, the floor
+    and the step, before a checkpoint of the collapsed run is written; the one of step 4 is kept. (Before: the
+    run went on to a scale of exactly 0 after ~166 skips and saved checkpoints that had not trained.)"""
+    import distributed
+
+    monkeypatch.setattr(distributed, "resolve_dtype", lambda name, device: torch.float16)
+    overflow_gradients(monkeypatch)
+    with pytest.raises(FloatingPointError, match=r"loss scale fell to 256, below --min_loss_scale 1000, by step 8 "
+                       r"\(4 overflowing steps since the last log line\)") as err:
+        run(tmp_path, "--steps", 12, "--ckpt_every", 4, "--log_every", 4, "--min_loss_scale", 1000)
+    assert "step 4" in str(err.value) and ckpt(tmp_path)["step"] == 4
+    assert [r["loss_scale"] for r in log_rows(tmp_path) if r.get("stage") == "joint"] == [4096.0]
 
 
 def test_logit_scale_stays_in_its_clamp_during_training(tmp_path, monkeypatch):
@@ -392,6 +454,7 @@ def test_bad_configuration_fails_before_any_work(args, names, tmp_path, monkeypa
 def test_a_missing_gpu_fails_before_any_work(tmp_path, monkeypatch, capsys):
     """--device cuda without a GPU, and torchrun's second process on a machine with one GPU (it would ask for
     cuda:1), stop at parsing with one line naming the device and the way out; cpu never asks CUDA anything."""
+    import distributed
     import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -406,7 +469,7 @@ def test_a_missing_gpu_fails_before_any_work(tmp_path, monkeypatch, capsys):
         assert exit_.value.code == 2 and re.search(expected, err[-1]) and "--device cpu" in err[-1], err
         assert not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 / 0)  # cpu must not even count the GPUs
-    assert train.pick_device("cpu", local_rank=3) == torch.device("cpu")
+    assert distributed.pick_device("cpu", local_rank=3) == torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 from test_reliability import ROOT, TINY, ckpt, finish, run, torchrun
 
 ARGS = ["--steps", 8, "--ckpt_every", 2, "--keep_ckpts", 4, "--image_tokenizer_steps", 2]
@@ -99,8 +100,8 @@ def test_a_renamed_flag_still_works_and_names_the_new_one(capsys):
     assert exit_.value.code == 2 and "give only --masked_pass_share" in capsys.readouterr().err
     old = {"loss_cfg": {"masked_fraction": 0.5}}
     with pytest.raises(ValueError, match=r"--masked_pass_share 0.5 -> 1.0"):
-        train.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 1.0}}, accept=False)
-    assert train.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 0.5}}, accept=False) == []
+        checkpoints.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 1.0}}, accept=False)
+    assert checkpoints.check_resume_flags("ckpt.pt", old, {"loss_cfg": {"masked_pass_share": 0.5}}, accept=False) == []
 
 
 def test_the_last_k_checkpoints_are_kept(tmp_path):
@@ -113,13 +114,94 @@ def test_the_last_k_checkpoints_are_kept(tmp_path):
     assert not list((tmp_path / "none").glob("ckpt_*.pt"))
 
 
+def resolving_to(monkeypatch, dtype):
+    """--dtype auto resolves to dtype, as it would on other hardware (auto: fp16 on a GPU, bf16 on a CPU with
+    native bf16, fp32 on an older one); the CPU runs fp16 too, with its GradScaler."""
+    import distributed
+
+    monkeypatch.setattr(distributed, "resolve_dtype", lambda name, device: dtype)
+
+
+def test_a_resume_compares_the_precision_it_resolves_to(tmp_path, monkeypatch, capsys):
+    """A run saved in fp32 under --dtype auto, resumed where auto means bf16: refused, naming the change (the
+    flag's text is the same). Resumed where auto means fp16 (a CPU checkpoint on a GPU) with --resume_changes
+    ok: a fresh GradScaler starts, said in one line, and the run continues and saves fp16's scaler. (Before: the
+    first resume silently switched to bf16, the second died in GradScaler.load_state_dict({}).)"""
+    args = ["--steps", 4, "--ckpt_every", 2, "--image_tokenizer_steps", 1, "--dtype", "auto"]
+    resolving_to(monkeypatch, torch.float32)
+    run(tmp_path, *args)
+    assert ckpt(tmp_path)["precision"] == {"device": "cpu", "dtype": "fp32"} and ckpt(tmp_path)["scaler"] == {}
+    capsys.readouterr()
+    resolving_to(monkeypatch, torch.bfloat16)
+    with pytest.raises(SystemExit) as exit_:
+        run(tmp_path, *args, "--steps", 6, "--resume")
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and "precision fp32 -> bf16" in line and "--resume_changes ok" in line, line
+    resolving_to(monkeypatch, torch.float16)
+    run(tmp_path, *args, "--steps", 6, "--resume", "--resume_changes", "ok")
+    out = capsys.readouterr().out
+    assert "--resume_changes ok: precision fp32 -> fp16" in out and "--resume_changes ok: --steps 4 -> 6" in out
+    assert "the checkpoint has no GradScaler state" in out and "fresh one starts at scale 65536" in out
+    saved = ckpt(tmp_path)
+    assert saved["step"] == 6 and saved["precision"]["dtype"] == "fp16" and saved["scaler"]["scale"] > 0
+
+
+def test_the_device_kind_is_compared_too():
+    """A GPU checkpoint resumed on a CPU (or the other way) is a change to list, whatever --device said."""
+    import checkpoints
+
+    saved = {"train_cfg": {"device": "auto"}, "precision": {"device": "cuda", "dtype": "fp16"}}
+    now = {"train_cfg": {"device": "auto"}, "precision": {"device": "cpu", "dtype": "bf16"}}
+    assert checkpoints.changes(saved, now) == ["device kind cuda -> cpu", "precision fp16 -> bf16"]
+    assert checkpoints.changes(saved, {**now, "precision": saved["precision"]}) == []
+    old = {"train_cfg": {"dtype": "auto"}}  # a checkpoint that predates the record: the flag's text is compared
+    assert checkpoints.changes(old, {**now, "train_cfg": {"dtype": "bf16"}}) == ["--dtype 'auto' -> 'bf16'"]
+
+
+def test_a_fresh_run_never_replaces_another_run(tmp_path, capsys):
+    """Run A saves steps 2 and 4; run B without --resume in the same folder is refused in one line naming the
+    files and the ways out, and A's files are untouched; with --overwrite B first removes A's checkpoints,
+    log and evaluation (said in one line), so its log and its last-K checkpoints are its own. (Before: B wrote
+    over A's ckpt.pt, pruned by step number into a mix of both runs, and log.jsonl read 1, 2, 3, 4, 1, 2.)"""
+    run(tmp_path, "--steps", 4, "--ckpt_every", 2, "--image_tokenizer_steps", 1, "--keep_ckpts", 2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(tmp_path, "--steps", 3, "--ckpt_every", 1, "--image_tokenizer_steps", 1)
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and "holds another run's checkpoints (ckpt.pt, ckpt_0000002.pt, ckpt_0000004.pt, " \
+        "image_tokenizer.pt)" in line and "--resume" in line and "--overwrite true" in line, line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    run(tmp_path, "--steps", 3, "--ckpt_every", 1, "--image_tokenizer_steps", 1, "--keep_ckpts", 2, "--overwrite")
+    assert "--overwrite: removed the earlier run's ckpt.pt, ckpt_0000002.pt, ckpt_0000004.pt, image_tokenizer.pt, " \
+        "log.jsonl from" in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if r.get("stage") == "joint"] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert ckpt(tmp_path)["train_cfg"]["steps"] == 3 and ckpt(tmp_path, "ckpt_0000002.pt")["train_cfg"]["steps"] == 3
+    with pytest.raises(SystemExit):  # --resume and --overwrite contradict each other
+        run(tmp_path, "--steps", 3, "--resume", "--overwrite")
+
+
+def test_a_stage1_file_of_the_old_name_counts_and_is_reused(tmp_path, capsys):
+    """dvae.pt (stage 1's file before the image tokenizer's rename) is another run's, and --resume reuses it."""
+    run(tmp_path / "a", "--steps", 1, "--image_tokenizer_steps", 1)
+    (tmp_path / "b").mkdir()
+    os.replace(tmp_path / "a" / "image_tokenizer.pt", tmp_path / "b" / "dvae.pt")
+    with pytest.raises(SystemExit):
+        run(tmp_path / "b", "--steps", 1)
+    assert "holds another run's checkpoints (dvae.pt)" in capsys.readouterr().err
+    run(tmp_path / "b", "--steps", 1, "--resume")
+    assert "stage 1: image tokenizer loaded from " + str(tmp_path / "b" / "dvae.pt") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["manifest", "shards", "vocab", "no_rows", "ckpt", "image_tokenizer"])
 def test_bad_input_at_the_start_is_one_line(case, tmp_path, capsys):
     """A missing manifest, shard folder or vocabulary, a manifest with no usable row, an unreadable checkpoint:
     one line naming the path and what was expected, exit status 2, before any training."""
     (tmp_path / "empty.jsonl").write_text('{"image": "../x.png", "caption": "outside"}\n')
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "ckpt.pt").write_bytes(b"half a checkpoint")
+    if case == "ckpt":  # (in the other cases another run's checkpoint in out/ would be refused first)
+        (tmp_path / "out" / "ckpt.pt").write_bytes(b"half a checkpoint")
     (tmp_path / "image_tokenizer.pt").write_bytes(b"")
     args, expected = {
         "manifest": (["--pairs", tmp_path / "none.jsonl"], "pairs manifest not found: .*none.jsonl"),

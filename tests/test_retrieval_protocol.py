@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import data
+import manifests
 import eval as E
+import heldout
 
 # The captions of each image, and each distinct caption's scores (image 0, image 1, image 2): "a pet" and
 # "an animal" are captions of images 0 and 1 alike.
@@ -76,10 +78,10 @@ def test_rows_are_grouped_by_image_file(tmp_path):
     rows.append({"image": "broken.png", "caption": "still broken"})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = data.Tokenizer.from_corpus([c for cs in CAPTIONS for c in cs])
-    ds = data.FilePairs(tmp_path / "pairs.jsonl", 16, tok, 8, train=False)
-    images, captions, image_of, bad = E.retrieval_set(ds, 100)
+    ds = manifests.FilePairs(tmp_path / "pairs.jsonl", 16, tok, 8, train=False)
+    images, captions, image_of, bad = heldout.retrieval_set(ds, 100)
     assert images.shape == (3, 3, 16, 16) and bad == 1  # the broken file read once, counted once
     assert captions == [c for cs in CAPTIONS for c in cs] and image_of.tolist() == [i for i in range(3) for _ in "12345"]
     assert [int(images[i, 0, 8, 8]) for i in range(3)] == [0, 80, 160]  # image i is file i
-    head, _, _, _ = E.retrieval_set(ds, 4)  # the first n rows only: 0.png and the broken file
+    head, _, _, _ = heldout.retrieval_set(ds, 4)  # the first n rows only: 0.png and the broken file
     assert len(head) == 1

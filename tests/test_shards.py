@@ -8,6 +8,7 @@ streamed source beside map-style ones, and train.py on shards: exact resume afte
 import collections
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 from PIL import Image
 
 import data
+import shards
+import manifests
 from test_reliability import ckpt, log_rows, run, run_and_die, trajectory
 
 
@@ -26,16 +29,16 @@ def make_set(folder, n=24, per_shard=6):
         Image.new("RGB", (12, 10), (10 * i, 255 - 10 * i, 90)).save(folder / f"{i}.png")
         rows.append({"image": f"{i}.png", "caption": f"picture number {i}"})
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    written, paths, left_out, bad_rows = data.write_shards(folder / "pairs.jsonl", folder / "shards", per_shard)
+    written, paths, left_out, bad_rows = shards.write_shards(folder / "pairs.jsonl", folder / "shards", per_shard)
     assert written == n and len(paths) == -(-n // per_shard) and left_out == [] and bad_rows == 0
     return paths, data.Tokenizer.from_corpus([r["caption"] for r in rows])
 
 
 def stream(spec, tok, steps, batch=4, workers=0, rank=0, world=1, seed=0, buffer=1, state=None, start=0):
-    """steps batches of rank's stream -> (captions per batch, skipped per batch, the data.Batches)."""
-    source = data.TarShards(spec, 8, tok, 8, buffer)
+    """steps batches of rank's stream -> (captions per batch, skipped per batch, the shards.Batches)."""
+    source = shards.TarShards(spec, 8, tok, 8, buffer)
     sampler = data.MixtureBatchSampler({"pairs": None}, {"pairs": 1.0}, batch * world, rank, world, seed, start)
-    batches = data.Batches(data.Mixture({"pairs": source}), sampler, workers, False, state)
+    batches = shards.Batches(data.Mixture({"pairs": source}), sampler, workers, False, state)
     got = [next(batches)[1] for _ in range(steps)]
     return [[tok.decode(ids) for ids in b["ids"]] for b in got], [b["skipped"] for b in got], batches
 
@@ -47,26 +50,26 @@ def number(caption):
 def test_shard_specs(tmp_path):
     paths, _ = make_set(tmp_path)
     folder = str(tmp_path / "shards")
-    assert data.shard_list(folder) == paths == data.shard_list(folder + "/0000[0-9].tar")
-    assert data.shard_list(folder + "/{00001..00002}.tar") == paths[1:3]
-    braced = data.shard_list(folder + "/{00002..00005}.tar")  # 00004 and 00005 are missing: kept, counted later
+    assert shards.shard_list(folder) == paths == shards.shard_list(folder + "/0000[0-9].tar")
+    assert shards.shard_list(folder + "/{00001..00002}.tar") == paths[1:3]
+    braced = shards.shard_list(folder + "/{00002..00005}.tar")  # 00004 and 00005 are missing: kept, counted later
     assert braced == paths[2:] + [f"{folder}/00004.tar", f"{folder}/00005.tar"]
     for spec in (folder + "/{00007..00009}.tar", str(tmp_path / "nothing"), str(tmp_path)):
         with pytest.raises(FileNotFoundError, match="no tar shard"):
-            data.shard_list(spec)
+            shards.shard_list(spec)
 
 
 def test_writer_keeps_every_pair(tmp_path):
     paths, tok = make_set(tmp_path, n=10, per_shard=4)
-    assert [len(list(data.tar_groups(p))) for p in paths] == [4, 4, 2]
-    key, group = next(data.tar_groups(paths[1]))
+    assert [len(list(shards.tar_groups(p))) for p in paths] == [4, 4, 2]
+    key, group = next(shards.tar_groups(paths[1]))
     assert key == "000000004" and sorted(group) == ["png", "txt"] and group["txt"][2] == b"picture number 4"
     # JPEG bytes are copied as they are; a format the readers do not take (BMP) is re-encoded as PNG
     Image.new("RGB", (12, 10), (200, 30, 60)).save(tmp_path / "a.jpg", quality=70)
     Image.new("RGB", (12, 10), (20, 130, 60)).save(tmp_path / "b.bmp")
     (tmp_path / "ab.jsonl").write_text('{"image": "a.jpg", "caption": "a"}\n{"image": "b.bmp", "caption": "b"}\n')
-    _, [path], _, _ = data.write_shards(tmp_path / "ab.jsonl", tmp_path / "ab")
-    (_, a), (_, b) = data.tar_groups(path)
+    _, [path], _, _ = shards.write_shards(tmp_path / "ab.jsonl", tmp_path / "ab")
+    (_, a), (_, b) = shards.tar_groups(path)
     assert a["jpg"][2] == (tmp_path / "a.jpg").read_bytes() and sorted(b) == ["png", "txt"]
     assert Image.open(io.BytesIO(b["png"][2])).getpixel((3, 3)) == (20, 130, 60)
 
@@ -82,8 +85,8 @@ def test_each_epoch_reads_every_sample_once(tmp_path, workers, world):
         seen += [number(c) for b in captions for c in b]
         assert all(s == [] for s in skipped)
     assert sorted(seen) == list(range(24))
-    source = data.TarShards(str(tmp_path / "shards"), 8, _tok(), 8, buffer=1)
-    sample = data._ShardReader(source, 0, 0, 1).next_sample()
+    source = shards.TarShards(str(tmp_path / "shards"), 8, _tok(), 8, buffer=1)
+    sample = shards._ShardReader(source, 0, 0, 1).next_sample()
     i = number(_tok().decode(sample["ids"]))
     assert sample["image"][0].float().mean().item() == pytest.approx(10 * i, abs=1)  # red = 10 * i
 
@@ -128,10 +131,15 @@ def test_another_topology_loses_at_most_the_old_buffers(tmp_path):
     samples in 6 shards, 4 batches before and, from place 2 on, 4 shards = 6 batches after."""
     make_set(tmp_path, n=36, per_shard=6)
     head, _, batches = stream(tmp_path / "shards", _tok(), 4, workers=2)
-    tail, _, _ = stream(tmp_path / "shards", _tok(), 6, workers=0, state=batches.state(), start=4)
+    tail, _, resumed = stream(tmp_path / "shards", _tok(), 6, workers=0, state=batches.state(), start=4)
     seen = collections.Counter(number(c) for b in head + tail for c in b)
     missed, repeated = set(range(36)) - set(seen), sum(n - 1 for n in seen.values())
-    assert len(missed) <= 2 * 1 and repeated <= 2 * 6 and len(seen) + len(missed) == 36
+    assert set(seen) <= set(range(36)) and sum(seen.values()) == (4 + 6) * 4  # real samples, full batches
+    assert len(missed) <= 2 * 1 and repeated <= 2 * 6
+    # ... and the resume says so, once (train.loader_for prints it and logs it), where the same topology is silent
+    [note] = resumed.notes
+    assert "read by 2 readers" in note and "this run has 1" in note and "not seen" in note, note
+    assert stream(tmp_path / "shards", _tok(), 1, workers=2, state=batches.state(), start=4)[2].notes == []
 
 
 def corrupt(paths):
@@ -186,13 +194,13 @@ def test_streamed_and_map_sources_share_the_steps(tmp_path):
     make_set(tmp_path)
     (tmp_path / "t.txt").write_text("".join(f"text line {i}\n" for i in range(9)))
     tok = data.Tokenizer.from_corpus([f"picture number text line {i}" for i in range(24)])
-    texts = data.TextFile(tmp_path / "t.txt", tok, 8)
+    texts = manifests.TextFile(tmp_path / "t.txt", tok, 8)
     runs = {}
-    for name, pairs in (("shards", data.TarShards(str(tmp_path / "shards"), 8, tok, 8, 2)),
-                        ("manifest", data.FilePairs(tmp_path / "pairs.jsonl", 8, tok, 8))):
+    for name, pairs in (("shards", shards.TarShards(str(tmp_path / "shards"), 8, tok, 8, 2)),
+                        ("manifest", manifests.FilePairs(tmp_path / "pairs.jsonl", 8, tok, 8))):
         sizes = {"pairs": None if name == "shards" else len(pairs), "texts": len(texts)}
         sampler = data.MixtureBatchSampler(sizes, {"pairs": 0.5, "texts": 0.5}, 4, seed=3, seeds=True)
-        batches = data.Batches(data.Mixture({"pairs": pairs, "texts": texts}), sampler)
+        batches = shards.Batches(data.Mixture({"pairs": pairs, "texts": texts}), sampler)
         runs[name] = [next(batches) for _ in range(20)]
         assert [s for s, _ in runs[name]] == [sampler.source_at(t) for t in range(20)]
     assert {s for s, _ in runs["shards"]} == {"pairs", "texts"}
@@ -217,3 +225,20 @@ def test_training_on_shards_resumes_exactly_and_counts_what_it_skips(tmp_path):
     assert trajectory(tmp_path / "killed") == trajectory(tmp_path / "ref")
     named = {r["path"] for r in log_rows(tmp_path / "ref") if r.get("event") == "skipped_file"}
     assert named == bad and trajectory(tmp_path / "ref")[-1]["skipped_samples"] >= 3
+
+
+def test_a_resume_with_another_reader_layout_says_so(tmp_path, capsys):
+    """--workers sets how many readers share the shards (ranks x workers): a resume with another number continues
+    (workers cannot change what a step computes), and says in one line, on the console and in the log, what the
+    new layout costs of this epoch. (Before: it took the topology-change path in silence.)"""
+    make_set(tmp_path / "set")
+    args = [*SHARD_ARGS, "--shards", tmp_path / "set" / "shards", "--image_size", 16, "--steps", 4, "--ckpt_every", 2]
+    run(tmp_path / "a", *args)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt_0000002.pt", tmp_path / "b" / "ckpt.pt")
+    capsys.readouterr()
+    run(tmp_path / "b", *args, "--resume", "--workers", 2)
+    [line] = [s for s in capsys.readouterr().out.splitlines() if "tar shards were read by" in s]
+    assert line.startswith("pairs: the checkpoint's tar shards were read by 1 readers") and "this run has 2" in line
+    events = [r for r in map(json.loads, open(tmp_path / "b" / "log.jsonl")) if r.get("event") == "shard_readers"]
+    assert [e["note"] for e in events] == [line] and ckpt(tmp_path / "b")["step"] == 4

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import shapes
 from losses import codebook_stats
 from model import KMeansTokenizer, ModelConfig
 
@@ -17,7 +18,7 @@ CFG = ModelConfig.from_preset("tiny", image_size=32, patch_size=8, width=32, hea
 
 
 def world_images(split, start, n, size=32):
-    world = data.ShapesWorld(image_size=size, seed=0)
+    world = shapes.ShapesWorld(image_size=size, seed=0)
     return torch.stack([torch.from_numpy(world.render(world.scene(split, start + i))).permute(2, 0, 1)
                         for i in range(n)]).float() / 255  # (n, 3, S, S) in [0, 1]
 
