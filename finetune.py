@@ -1,0 +1,521 @@
+"""Fine-tuning: a pretrained FLAVA and a small head trained on a downstream task, the evidence of FLAVA §4.
+
+FLAVA (arXiv 2112.04482) §4 and App. B judge the pretrained model by what it becomes when fine-tuned (Tables 3-5):
+a head on one of its three [CLS] states, trained with the encoders below it. VQAv2, SNLI-VE and Hateful Memes put
+a 2-layer MLP (hidden 2D) on the multimodal encoder's [CLS_M], VQAv2 over its most frequent answers with soft VQA
+scores; GLUE fine-tunes the text encoder with a head on [CLS_T]; vision tasks are linear probes on [CLS_I]. AdamW,
+weight decay 1e-2, warmup then cosine; VQAv2 at lr 1e-4 (the others 1e-5), batch 256.
+
+    python tasks.py shapes-vqa /work/data/shapes-vqa            # 40,000 questions about 4,000 64-px scenes
+    python finetune.py --init out/ckpt.pt --task vqa --train /work/data/shapes-vqa/train.jsonl \
+        --val /work/data/shapes-vqa/val.jsonl --out_dir out/vqa   # + --baselines: image blanked, text blanked
+    python finetune.py --init out/ckpt.pt --task image --train shapes-images/train --val shapes-images/val --freeze
+    python finetune.py --init out/ckpt.pt --task text --train shapes-text/train.tsv --val shapes-text/val.tsv
+    python finetune.py --init out/ckpt.pt --task multimodal --train snli_ve/train.jsonl --val snli_ve/dev.jsonl
+    torchrun --nproc_per_node=2 finetune.py --init out/ckpt.pt ...  # DDP: gloo on a CPU, nccl on CUDA
+    python finetune.py ... --resume      # continue exactly where it stopped (the same flags); --overwrite: afresh
+    python finetune.py --init flava-full --task vqa --max_answers 3129 --batch_size 256 --steps 44000 ...
+
+--init is a train.py checkpoint or a Hugging Face FLAVA folder. Images of another size than the model's are
+resized to it (data.read_image: a crop, then one bicubic resize); positions are not interpolated (FLAVA fine-tunes
+VQAv2 at 480 px with interpolated positions: pretrained.from_pretrained does that for a Hugging Face folder given
+another image_size). Words of the training text the vocabulary lacks get word pieces of their own (tasks.py).
+Writes into --out_dir: config.json, log.jsonl, ckpt.pt (the fine-tuned FLAVA as a nanoFLAVA checkpoint that
+eval.py reads, plus the head) and finetune.json (val_accuracy beside the baselines). The recipe comes first
+(config, heads, step, loop, main), setup after; the data are tasks.py's, the engineering train.py's companions.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import checkpoints
+import cli
+import data
+import distributed
+import pretrained
+import runlog
+import tasks
+import train
+from eval import format_table
+from model import FLAVA, ModelConfig
+from weightfiles import load_state
+
+# ---------------------------------------------------------------------------------------------
+# Config: every field is a flag (cli.add_flags); its comment is its --help
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:  # defaults: the shapes VQA set from the default run in minutes on 2 CPU cores
+    init: str = ""  # the pretrained model: a train.py ckpt.pt or a Hugging Face FLAVA folder
+    task: str = "vqa"  # vqa | multimodal (a head on [CLS_M]) | image ([CLS_I]) | text ([CLS_T])
+    train: str = ""  # training data: JSONL manifest (vqa, multimodal), image folder (image), label<TAB>text (text)
+    val: str = ""  # validation data of the same kind
+    out_dir: str = "out/finetune"  # where config.json, log.jsonl, ckpt.pt and finetune.json go
+    freeze: bool = False  # a linear probe: every encoder frozen, the head one Linear (FLAVA's vision protocol)
+    frozen: str = ""  # encoders kept frozen while the rest fine-tunes, comma-separated: image, text, mm
+    max_answers: int = 0  # keep the most frequent training answers only (VQAv2: 3129); 0 = every one
+    new_words: str = "split"  # words the vocabulary lacks, given pieces of their own: split (several pieces) | unk | none
+    min_word_count: int = 2  # ... if they occur at least this often in the training text
+    baselines: bool = False  # also the same recipe with the image blanked and with the text blanked
+    seed: int = 0  # head init (the same on every rank), data order, crops and the new words' noise
+    batch_size: int = 64  # global batch per step, split evenly over ranks (paper: 256)
+    epochs: float = 3.0  # passes over the training rows, when --steps is 0
+    steps: int = 0  # optimizer steps; 0 = --epochs over the training rows
+    lr: float = 1e-4  # peak learning rate (paper: 1e-4 for VQAv2, 1e-5 for SNLI-VE and Hateful Memes)
+    min_lr: float = 0.0  # end of the cosine
+    warmup: int = 100  # linear warmup steps (paper: 2,000)
+    weight_decay: float = 0.01  # AdamW decay on weight matrices only (paper: 1e-2)
+    beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm (after unscaling)
+    device: str = "auto"  # auto | cpu | cuda; auto = cuda when available (under torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
+    min_loss_scale: float = 1e-4  # fp16: stop when GradScaler's scale falls below this
+    workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
+    eval_batch: int = 256  # rows per validation forward
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 0  # steps between validations (0 = at the end only)
+    ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    resume_changes: str = "refuse"  # refuse | ok: a resume that would change the run stops, listing how, unless ok
+    overwrite: bool = False  # a fresh run in an out_dir holding another run's checkpoints first removes them
+
+
+TASKS = ("vqa", "multimodal", "image", "text")
+ENCODERS = {"image": "image_encoder", "text": "text_encoder", "mm": "mm_encoder"}  # --frozen names
+USES = {"vqa": ("image", "text", "mm"), "multimodal": ("image", "text", "mm"), "image": ("image",),
+        "text": ("text",)}  # the encoders each task's [CLS] state depends on
+
+# ---------------------------------------------------------------------------------------------
+# The task heads (FLAVA App. B) on the [CLS] state of the task's encoder
+# ---------------------------------------------------------------------------------------------
+
+
+class Head(nn.Module):
+    """FLAVA App. B: the multimodal tasks' classifier is a 2-layer MLP with hidden size 1,536, twice the width D
+    = 768, on h_CLS_M; the paper names no activation: GELU, as the encoders. With --freeze one Linear, the
+    linear probe of its vision tasks. Drawn at N(0, 0.02) like every FLAVA weight, biases zero."""
+
+    def __init__(self, width, n_out, linear=False):
+        super().__init__()
+        layers = [nn.Linear(width, n_out)] if linear else [nn.Linear(width, 2 * width), nn.GELU(),
+                                                         nn.Linear(2 * width, n_out)]
+        self.net = nn.Sequential(*layers)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, cls):
+        return self.net(cls)  # (B, A)
+
+
+class FineTuned(nn.Module):
+    """FLAVA and a head on the [CLS] state its task reads: [CLS_I] or [CLS_T] after the encoder's final LayerNorm
+    (what eval.py's probes read), or [CLS_M], token 0 of the multimodal encoder, which fuses the two encoders'
+    states from before their final LayerNorm (FLAVA §3.1)."""
+
+    def __init__(self, flava: FLAVA, head: Head, task: str):
+        super().__init__()
+        self.flava, self.head, self.task = flava, head, task
+
+    def forward(self, image=None, ids=None, attn=None):
+        """image (B, 3, S, S) in [0, 1]; ids, attn (B, L) -> logits (B, A)."""
+        m = self.flava
+        if self.task == "image":
+            cls = m.encode_image(image).out[:, 0]  # (B, D) [CLS_I]
+        elif self.task == "text":
+            cls = m.encode_text(ids, attn).out[:, 0]  # (B, D) [CLS_T]
+        else:
+            fused = m.encode_multimodal(m.encode_image(image).hidden, m.encode_text(ids, attn).hidden, attn)  # (B, M, D)
+            cls = fused[:, 0]  # (B, D) [CLS_M]
+        return self.head(cls)  # (B, A)
+
+
+def task_loss(task, logits, batch):
+    """VQA: binary cross-entropy against the soft scores of every answer (Teney et al., arXiv 1708.02711, as the
+    VQA heads of MMF, FLAVA's framework), summed over answers and averaged over rows: a question that annotators
+    answered in two ways pulls up both. The other tasks: cross-entropy on the label (-1: an answer beyond
+    --max_answers, ignored; 0, not NaN, if a batch has only such rows)."""
+    if task == "vqa":
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["target"], reduction="sum") / len(logits)
+    kept = (batch["label"] >= 0).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), batch["label"], ignore_index=-1, reduction="sum") / kept
+
+
+def scores(task, logits, batch):
+    """Each row's accuracy (B,): VQA's soft score of the predicted answer (an answer outside the vocabulary has
+    none, so its row scores 0 whatever is predicted), else 1 if the label is predicted (-1 never is)."""
+    pred = logits.argmax(-1)  # (B,)
+    if task == "vqa":
+        return batch["target"].gather(1, pred[:, None])[:, 0]  # (B,)
+    return (pred == batch["label"]).float()  # (B,)
+
+# ---------------------------------------------------------------------------------------------
+# The step: a forward of the whole model on one batch, AdamW
+# ---------------------------------------------------------------------------------------------
+
+
+def inputs(run, batch):
+    """The model's inputs from a batch; a baseline run blanks one modality: every image black (the model sees the
+    question alone), or every text "[CLS] [SEP]" (the image alone)."""
+    out = {}
+    if "image" in batch:
+        out["image"] = batch["image"].float() / 255  # (B, 3, S, S) in [0, 1]; the model normalises
+        if run.blank == "image":
+            out["image"] = torch.zeros_like(out["image"])
+    if "ids" in batch:
+        keep = int(batch["attn"].sum(1).max())  # the batch's longest text: the padding after it is cut (exact:
+        ids, attn = batch["ids"][:, :keep], batch["attn"][:, :keep]  # (B, L') pads are never attended), 20% faster
+        if run.blank == "text":
+            tok = run.tokenizer
+            ids = torch.full_like(ids, tok.pad_id)
+            ids[:, 0], ids[:, 1] = tok.cls_id, tok.sep_id
+            attn = ids != tok.pad_id  # (B, L)
+        out.update(ids=ids, attn=attn)
+    return out
+
+
+def train_step(run, batch, lr):
+    """One update -> (loss, gradient norm before clipping), on the device. As train.optimizer_step: one autocast,
+    the loss scaled for fp16, unscaled before clipping; GradScaler skips a step whose gradients overflowed."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast:
+        logits = run.step_fn(**inputs(run, batch))  # (B_local, A)
+    loss = task_loss(run.cfg.task, logits, batch)
+    run.scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
+    run.scaler.unscale_(run.optimizer)  # clip the true gradient, not the scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
+def validate(run):
+    """Mean accuracy over the val rows, each rank its rows r, r + world, ...; sums all-reduced. A row whose image
+    cannot be read is dropped (counted in run.counters["val_unreadable"]), never replaced by another."""
+    model, ds = run.model.eval(), run.val_set
+    total = torch.zeros(3, device=run.device)  # score, rows, unreadable
+    mine = list(range(run.rank, len(ds), run.world_size))
+    for i in range(0, len(mine), run.cfg.eval_batch):
+        samples = [ds.load(j) for j in mine[i: i + run.cfg.eval_batch]]
+        good = [s for s in samples if not s.get("skipped")]
+        total[2] += len(samples) - len(good)
+        if good:
+            batch = train.to_device(tasks.collate(good)[1], run.device)
+            with run.autocast:
+                logits = model(**inputs(run, batch))  # (b, A)
+            total[0] += scores(run.cfg.task, logits, batch).sum()
+            total[1] += len(good)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(total)
+    run.counters["val_unreadable"] = int(total[2])
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def fine_tune(run):
+    """run.total steps from run.step, a log line every --log_every, a checkpoint every --ckpt_every and at the
+    end (a baseline run writes none), validations every --eval_every -> the final val accuracy."""
+    cfg = run.cfg
+    workers = cfg.workers if cfg.workers >= 0 else (6 if run.device.type == "cuda" else 0)
+    batches = tasks.batches(run.train_set, cfg.batch_size, run.rank, run.world_size, cfg.seed, run.step, workers,
+                            run.device.type == "cuda")  # exactly from where a resumed run stopped
+    bar = tqdm(total=run.total, initial=run.step, desc=run.name, disable=run.rank != 0, dynamic_ncols=True)
+    meter = runlog.Meter()
+    while run.step < run.total:
+        _, batch = next(batches)
+        run.log.note_skipped(batch, run.name, run.step + 1)  # unreadable images: counted, the first named
+        batch = train.to_device(batch, run.device)
+        lr = train.lr_at(cfg, "finetune", run.step, run.total)  # warmup, then cosine to --min_lr
+        loss, grad_norm = train_step(run, batch, lr)
+        run.step += 1
+        bar.update(1)
+        meter.add(run.step, {"loss": loss, "grad_norm": grad_norm}, cfg.batch_size, 0.0)
+        if run.step % cfg.log_every == 0 or run.step % cfg.ckpt_every == 0 or run.step == run.total:
+            bar.set_postfix(loss=f"{log_line(run, meter, lr):.4f}")  # stops the run on a non-finite value
+            meter = runlog.Meter()
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total:
+            run.log({"run": run.name, "step": run.step, "val_accuracy": validate(run)})
+            meter.t0 = time.time()  # the clock pauses during validation
+        if run.save and run.step % cfg.ckpt_every == 0 and run.step < run.total:
+            save_checkpoint(run)
+    bar.close()
+    if run.save and run.last_saved != run.step:
+        save_checkpoint(run)
+    accuracy = validate(run)
+    run.log({"run": run.name, "step": run.step, "val_accuracy": accuracy})
+    return accuracy
+
+
+def log_line(run, meter, lr):
+    """The steps since the last line -> their mean loss over every rank (runlog.check_finite first)."""
+    means, nonfinite = meter.means()
+    runlog.check_finite(run, nonfinite)
+    loss = torch.tensor([means["loss"], means["grad_norm"]], device=run.device)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(loss)
+        loss /= run.world_size
+    dt = time.time() - meter.t0
+    run.log({"run": run.name, "step": run.step, "loss": loss[0].item(), "grad_norm": loss[1].item(), "lr": lr,
+             "ms_per_step": 1000 * dt / meter.steps, "samples_per_s": meter.samples / dt, **run.counters})
+    return loss[0].item()
+
+
+def main(argv=None):
+    run = setup(argv)  # flags, processes, data, vocabulary, where the run starts, the model, AdamW
+    results = {"task": run.cfg.task, "val_accuracy": fine_tune(run), "steps": run.step,
+               "wall_seconds": round(time.time() - run.t_start, 1), **run.facts,
+               "baselines": dict(run.priors)}
+    if run.cfg.baselines and run.cfg.task in ("vqa", "multimodal"):
+        for blank, name in (("image", "question_only"), ("text", "image_only")):  # the same recipe, one input blank
+            t0, base = time.time(), fresh_run(run, blank, name)
+            results["baselines"][name] = fine_tune(base)
+            results[f"{name}_wall_seconds"] = round(time.time() - t0, 1)
+    results["total_wall_seconds"] = round(time.time() - run.t_start, 1)
+    if run.rank == 0:
+        with open(run.path("finetune.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        table = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
+        print(format_table({**table, **{f"baseline {k}": v for k, v in results["baselines"].items()}}))
+    if run.world_size > 1:  # DDP's reducer goes first (as train.main)
+        run.step_fn = None
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
+
+# ---------------------------------------------------------------------------------------------
+# Setup: flags, processes, data, vocabulary, where the run starts, the model and its optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What setup builds and the loop reads (runlog.check_finite reads cfg, scaler, step, log, counters, path)."""
+    cfg: FinetuneConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the autocast precision (fp32: autocast off)
+    print0: object  # print on rank 0, nothing elsewhere
+    log: runlog.Log
+    tokenizer: data.Tokenizer  # the init's, grown by the new words
+    train_set: object  # a tasks.QuestionManifest, LabelledImages or LabelledTexts
+    val_set: object
+    answers: list  # the answer (or label) vocabulary, most frequent first: the head's outputs
+    new_words: list  # the word pieces appended to the init's vocabulary
+    priors: dict  # the baselines that need no model (tasks.prior_baselines)
+    facts: dict  # what finetune.json reports of the data, the vocabulary and the machine
+    total: int  # optimizer steps of the run
+    t_start: float
+    carry: dict = None  # what the checkpoint carries on from the init (CARRIED)
+    name: str = "finetune"  # or a baseline's name
+    blank: str | None = None  # the modality a baseline blanks
+    save: bool = True  # baselines write no checkpoints
+    step: int = 0
+    last_saved: int | None = None
+    counters: dict = None  # skipped_samples, overflow_steps, val_unreadable: over the run, resumes included
+    model: FineTuned = None
+    step_fn: object = None  # the model as the step calls it: bare or under DDP
+    trainable: list = None
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+
+    def __post_init__(self):
+        self.counters = self.counters or {"skipped_samples": 0, "overflow_steps": 0}
+
+    def path(self, name):
+        return os.path.join(self.cfg.out_dir, name)
+
+    @property
+    def autocast(self):
+        return distributed.autocast(self.device, self.dtype)
+
+
+def parse_args(argv=None) -> FinetuneConfig:
+    """Flags -> FinetuneConfig; an unknown flag exits through argparse, a missing input or an unknown task in one
+    line (exit status 2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, "fine-tuning", FinetuneConfig)
+    given = {k: v for k, v in vars(parser.parse_args(sys.argv[1:] if argv is None else list(map(str, argv)))).items()
+             if v is not None}
+    cfg = FinetuneConfig(**given)
+    problems = [f"--{k} is required" for k in ("init", "train", "val") if not getattr(cfg, k)]
+    problems += [f"unknown --task {cfg.task!r}: choose one of {', '.join(TASKS)}"] if cfg.task not in TASKS else []
+    problems += [f"unknown encoder {e!r} in --frozen (image, text, mm)" for e in filter(None, cfg.frozen.split(","))
+                 if e not in ENCODERS]
+    problems += [f"--new_words {cfg.new_words!r} must be split, unk or none"] if cfg.new_words not in (
+        "split", "unk", "none") else []
+    problems += ["--resume and --overwrite: give one of them"] if cfg.resume and cfg.overwrite else []
+    problems += [f"--resume_changes {cfg.resume_changes!r} must be refuse or ok"] if cfg.resume_changes not in (
+        "refuse", "ok") else []
+    if cfg.batch_size < 1 or cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
+        problems.append(f"--batch_size {cfg.batch_size} must be a positive multiple of the world size")
+    if problems:
+        fail(problems[0])
+    return cfg
+
+
+def fail(error):
+    """Bad input at the start: one line, exit status 2 (as train.fail)."""
+    print(f"finetune.py: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def starting_point(cfg, rank, world_size, device, dtype, print0):
+    """-> (the checkpoint resumed, or None; the pretrained init, or None when resumed). Resume is decided by rank 0
+    and broadcast (checkpoints.decide_resume, which also refuses a fresh run in an out_dir holding another run's
+    checkpoints unless --overwrite); the flags a resume would change are refused on every rank, as train.py's."""
+    as_train = SimpleNamespace(out_dir=cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, init_from=cfg.init,
+                               image_tokenizer_ckpt="", resume_changes="ok")  # the flags are compared below
+    resume, _ = checkpoints.decide_resume(as_train, {}, rank, world_size, device, print0)
+    if resume is None:
+        return None, open_init(cfg.init)
+    saved = {"train_cfg": resume["finetune_cfg"], "precision": resume["precision"]}
+    current = {"train_cfg": asdict(cfg), "precision": checkpoints.precision(device, dtype)}
+    for change in checkpoints.check_resume_flags(os.path.join(cfg.out_dir, "ckpt.pt"), saved, current,
+                                                 cfg.resume_changes == "ok"):
+        print0(f"--resume_changes ok: {change}")
+    return resume, None
+
+
+def open_init(path):
+    """A Hugging Face FLAVA folder (converted now) or a nanoFLAVA checkpoint, as checkpoints.load_checkpoint."""
+    return pretrained.pretrained_checkpoint(path) if os.path.isdir(path) else checkpoints.load_checkpoint(path)
+
+
+def setup(argv) -> Run:
+    """Flags -> processes -> where the run starts -> data and vocabularies -> config.json and the log -> the model.
+    Bad input (a missing or empty file, an unknown task, a refused resume) stops here: one line, exit status 2."""
+    cfg = parse_args(argv)
+    rank, _, world_size, device = distributed.setup_distributed(cfg.device)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    try:  # every input is opened (or refused) here, before any compute
+        dtype = distributed.resolve_dtype(cfg.dtype, device)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        resume, init = starting_point(cfg, rank, world_size, device, dtype, print0)
+        start = resume or init
+        mcfg = ModelConfig(**start["model_cfg"])
+        train_set, val_set = tasks.open_task(cfg.task, cfg.train, cfg.val, mcfg.image_size, mcfg.text_len)
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+    if resume is None:  # the words the checkpoint's vocabulary lacks, and the answers, from the training set
+        tokenizer, new = tasks.grow_vocabulary(data.Tokenizer(init["vocab"]), train_set.words(), cfg.new_words,
+                                               cfg.min_word_count)
+        answers = tasks.answer_vocab(train_set, cfg.max_answers)
+        start = {**init, **tasks.grown_init(init, len(tokenizer), cfg.seed)}
+    else:  # a resumed run: both as its checkpoint has them
+        tokenizer, new, answers = data.Tokenizer(resume["vocab"]), resume["new_words"], resume["answers"]
+    if new:
+        print0(f"vocabulary: {len(new)} words of the training text lack a piece of their own ({', '.join(new[:6])}"
+               f"{', ...' if len(new) > 6 else ''}): new ids {len(tokenizer) - len(new)}-{len(tokenizer) - 1}, "
+               "their embedding and MLM / MMM-text decoder rows at the mean of the old rows + noise")
+    for ds in (train_set, val_set):  # bad rows: counted, the first named, one line a file
+        ds.tokenizer, ds.vocab, ds.squash = tokenizer, {a: i for i, a in enumerate(answers)}, start.get("preprocess") == "squash"
+        if ds.num_skipped:
+            print0(f"{ds.path}: skipped {ds.num_skipped} bad rows, the first at line {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    facts = {"train_rows": len(train_set), "val_rows": len(val_set), "answers": len(answers),
+             "val_rows_unseen_answer": sum(a not in set(answers) for a in tasks.top_answers(val_set)),
+             "skipped_rows": {"train": train_set.num_skipped, "val": val_set.num_skipped}, "new_words": new,
+             "world_size": world_size, "dtype": distributed.dtype_name(dtype), "image_size": mcfg.image_size}
+    total = cfg.steps or max(1, round(cfg.epochs * len(train_set) / cfg.batch_size))
+    config = {"finetune": asdict(cfg), "model": start["model_cfg"], "steps": total, **facts}
+    print0(json.dumps(config))  # the resolved config, once (config.json holds the same)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if rank == 0:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        if cfg.resume:  # the steps after the checkpoint are redone: their log rows go
+            checkpoints.trim_log(log_path, resume["step"] if resume else 0, keep_stage1=False)
+    run = Run(cfg, rank, world_size, device, dtype, print0, runlog.Log(log_path, rank, append=cfg.resume), tokenizer,
+              train_set, val_set, answers, new, tasks.prior_baselines(train_set.texts(), val_set.texts()), facts,
+              total, time.time(), {k: start[k] for k in CARRIED if k in start})
+    build_model(run, start)
+    return run
+
+
+# What a fine-tuned checkpoint carries on from the pretrained one: eval.py reads its image tokenizer, its
+# pretraining config (which synthetic world it saw) and how a published model resizes.
+CARRIED = ("image_tokenizer", "train_cfg", "preprocess", "converted_from")
+
+
+def build_model(run, start):
+    """FLAVA from start (grown pretrained weights, or the resumed checkpoint with its head, AdamW, scaler, step and
+    RNG states), its head, which parameters train, how the step runs it (DDP), AdamW and the GradScaler."""
+    cfg, resumed = run.cfg, "head" in start
+    torch.manual_seed(cfg.seed)  # the head's initial weights, the same on every rank
+    flava = FLAVA(ModelConfig(**start["model_cfg"]))
+    load_state(flava, start["model"], f"{cfg.init} model")
+    head = Head(flava.cfg.width, len(run.answers), linear=cfg.freeze)
+    if resumed:
+        load_state(head, start["head"], os.path.join(cfg.out_dir, "ckpt.pt"))
+    model = run.model = FineTuned(flava, head, cfg.task).to(run.device)
+    # Only what the task's [CLS] depends on trains: the contrastive projections and the pretraining heads never
+    # get a gradient, so AdamW need not hold them; --freeze and --frozen keep chosen encoders as they are.
+    flava.requires_grad_(False)
+    frozen = set(ENCODERS) if cfg.freeze else set(filter(None, cfg.frozen.split(",")))
+    for name in set(USES[cfg.task]) - frozen:
+        getattr(flava, ENCODERS[name]).requires_grad_(True)
+    run.trainable = [p for p in model.parameters() if p.requires_grad]
+    # The multimodal tasks read the encoders' states before their final LayerNorm: those never get a gradient.
+    run.step_fn = DDP(model, find_unused_parameters=True) if run.world_size > 1 else model
+    run.optimizer = train.make_optimizer(model, cfg)  # AdamW, decay on weight matrices only
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    if resumed:
+        distributed.load_optimizer(run.optimizer, start["optimizer"])
+        checkpoints.load_scaler(run.scaler, start["scaler"], run.print0)
+        run.step = run.last_saved = start["step"]
+        run.counters.update(start["counters"])
+        checkpoints.set_rng_state(start["rng"], run.device)
+        run.print0(f"resumed from {run.path('ckpt.pt')} at step {run.step} of {run.total}")
+    n = sum(p.numel() for p in run.trainable)
+    run.print0(f"{run.name}: {cfg.task} on {len(run.answers)} answers, {n / 1e6:.2f}M of "
+               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train, {run.total} steps")
+
+
+def fresh_run(run, blank, name):
+    """A baseline: the same recipe from the same pretrained weights, one modality blanked, no checkpoints."""
+    base = replace(run, name=name, blank=blank, save=False, step=0, last_saved=None, counters=None)
+    init = open_init(run.cfg.init)
+    build_model(base, {**init, **tasks.grown_init(init, len(run.tokenizer), run.cfg.seed)})
+    return base
+
+
+def save_checkpoint(run):
+    """A nanoFLAVA checkpoint (checkpoints.FORMAT: eval.py reads the fine-tuned FLAVA) plus the head, the answers
+    and everything a resume needs, written atomically by rank 0 through the raw module."""
+    if run.rank == 0:
+        model = run.model
+        checkpoints.save_atomic({
+            "format": checkpoints.FORMAT, "model": model.flava.state_dict(), "model_cfg": asdict(model.flava.cfg),
+            "step": run.step, "vocab": run.tokenizer.vocab, "head": model.head.state_dict(), "answers": run.answers,
+            "new_words": run.new_words, "finetune_cfg": asdict(run.cfg), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": checkpoints.rng_state(run.device), "counters": dict(run.counters),
+            "precision": checkpoints.precision(run.device, run.dtype), "image_tokenizer": None, **run.carry},
+            run.path("ckpt.pt"))
+    run.last_saved = run.step
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FloatingPointError as e:  # runlog.check_finite stopped the run: one line, not a traceback
+        raise SystemExit(f"finetune.py: {e}") from None
