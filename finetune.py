@@ -6,29 +6,28 @@ a 2-layer MLP (hidden 2D) on the multimodal encoder's [CLS_M], VQAv2 over its mo
 scores; GLUE fine-tunes the text encoder with a head on [CLS_T]; vision tasks are linear probes on [CLS_I]. AdamW,
 weight decay 1e-2, warmup then cosine; VQAv2 at lr 1e-4 (the others 1e-5), batch 256.
 
-    python tasks.py shapes-vqa /work/data/shapes-vqa            # 40,000 questions about 4,000 64-px scenes
+    python shapes_tasks.py vqa /work/data/shapes-vqa      # 40,000 questions about 4,000 64-px scenes
     python finetune.py --init out/ckpt.pt --task vqa --train /work/data/shapes-vqa/train.jsonl \
-        --val /work/data/shapes-vqa/val.jsonl --out_dir out/vqa   # + --baselines: image blanked, text blanked
+        --val /work/data/shapes-vqa/val.jsonl --out_dir out/vqa   # --baselines: also image blanked, text blanked
     python finetune.py --init out/ckpt.pt --task image --train shapes-images/train --val shapes-images/val --freeze
-    python finetune.py --init out/ckpt.pt --task text --train shapes-text/train.tsv --val shapes-text/val.tsv
-    python finetune.py --init out/ckpt.pt --task multimodal --train snli_ve/train.jsonl --val snli_ve/dev.jsonl
-    torchrun --nproc_per_node=2 finetune.py --init out/ckpt.pt ...  # DDP: gloo on a CPU, nccl on CUDA
-    python finetune.py ... --resume      # continue exactly where it stopped (the same flags); --overwrite: afresh
+    python finetune.py --init out/ckpt.pt --task text --train glue_rte/train.tsv --val glue_rte/dev.tsv
+    torchrun --nproc_per_node=2 finetune.py ...   # DDP: gloo on a CPU, nccl on CUDA; --resume continues exactly
     python finetune.py --init flava-full --task vqa --max_answers 3129 --batch_size 256 --steps 44000 ...
 
 --init is a train.py checkpoint or a Hugging Face FLAVA folder. Images of another size than the model's are
-resized to it (data.read_image: a crop, then one bicubic resize); positions are not interpolated (FLAVA fine-tunes
-VQAv2 at 480 px with interpolated positions: pretrained.from_pretrained does that for a Hugging Face folder given
-another image_size). Words of the training text the vocabulary lacks get word pieces of their own (tasks.py).
-Writes into --out_dir: config.json, log.jsonl, ckpt.pt (the fine-tuned FLAVA as a nanoFLAVA checkpoint that
-eval.py reads, plus the head) and finetune.json (val_accuracy beside the baselines). The recipe comes first
-(config, heads, step, loop, main), setup after; the data are tasks.py's, the engineering train.py's companions.
+resized to it (data.read_image); positions are not interpolated (FLAVA fine-tunes VQAv2 at 480 px, positions
+interpolated: pretrained.from_pretrained does that for a Hugging Face folder given another image_size). Words
+the vocabulary lacks get pieces of their own (tasks.py). Writes into --out_dir: config.json, log.jsonl, ckpt.pt
+(a nanoFLAVA checkpoint, which eval.py reads, plus the head) and finetune.json (val_accuracy, the baselines).
+The recipe comes first (config, heads, step, loop, main), setup after; data in tasks.py, engineering in train.py's
+companions.
 """
+import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
@@ -81,6 +80,7 @@ class FinetuneConfig:  # defaults: the shapes VQA set from the default run in mi
     dtype: str = "auto"  # fp16 | bf16 | fp32; auto = fp16 on CUDA, bf16 on a CPU that supports it, else fp32
     min_loss_scale: float = 1e-4  # fp16: stop when GradScaler's scale falls below this
     workers: int = -1  # DataLoader workers per rank; -1 = 6 on CUDA, 0 on CPU
+    threads: int = 0  # CPU threads per process; 0 = torch's (on a busy 2-core machine 1 was 4x faster than 2)
     eval_batch: int = 256  # rows per validation forward
     log_every: int = 25  # steps between log lines
     eval_every: int = 0  # steps between validations (0 = at the end only)
@@ -100,23 +100,16 @@ USES = {"vqa": ("image", "text", "mm"), "multimodal": ("image", "text", "mm"), "
 # ---------------------------------------------------------------------------------------------
 
 
-class Head(nn.Module):
+class Head(nn.Sequential):
     """FLAVA App. B: the multimodal tasks' classifier is a 2-layer MLP with hidden size 1,536, twice the width D
     = 768, on h_CLS_M; the paper names no activation: GELU, as the encoders. With --freeze one Linear, the
-    linear probe of its vision tasks. Drawn at N(0, 0.02) like every FLAVA weight, biases zero."""
+    linear probe of its vision tasks. (B, D) -> (B, A) logits."""
 
     def __init__(self, width, n_out, linear=False):
-        super().__init__()
-        layers = [nn.Linear(width, n_out)] if linear else [nn.Linear(width, 2 * width), nn.GELU(),
-                                                         nn.Linear(2 * width, n_out)]
-        self.net = nn.Sequential(*layers)
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, cls):
-        return self.net(cls)  # (B, A)
+        super().__init__(*[nn.Linear(width, n_out)] if linear else [nn.Linear(width, 2 * width), nn.GELU(),
+                                                                      nn.Linear(2 * width, n_out)])
+        for layer in list(self)[::2]:  # N(0, 0.02) and zero biases, as every FLAVA weight
+            nn.init.normal_(layer.weight, std=0.02), nn.init.zeros_(layer.bias)
 
 
 class FineTuned(nn.Module):
@@ -206,19 +199,13 @@ def train_step(run, batch, lr):
 def validate(run):
     """Mean accuracy over the val rows, each rank its rows r, r + world, ...; sums all-reduced. A row whose image
     cannot be read is dropped (counted in run.counters["val_unreadable"]), never replaced by another."""
-    model, ds = run.model.eval(), run.val_set
-    total = torch.zeros(3, device=run.device)  # score, rows, unreadable
-    mine = list(range(run.rank, len(ds), run.world_size))
-    for i in range(0, len(mine), run.cfg.eval_batch):
-        samples = [ds.load(j) for j in mine[i: i + run.cfg.eval_batch]]
-        good = [s for s in samples if not s.get("skipped")]
-        total[2] += len(samples) - len(good)
-        if good:
-            batch = train.to_device(tasks.collate(good)[1], run.device)
-            with run.autocast:
-                logits = model(**inputs(run, batch))  # (b, A)
-            total[0] += scores(run.cfg.task, logits, batch).sum()
-            total[1] += len(good)
+    model, total = run.model.eval(), torch.zeros(3, device=run.device)  # score, rows, unreadable
+    for batch, unreadable in tasks.val_batches(run.val_set, run.rank, run.world_size, run.cfg.eval_batch):
+        batch = train.to_device(batch, run.device)
+        with run.autocast:
+            logits = model(**inputs(run, batch))  # (b, A)
+        total += torch.stack([scores(run.cfg.task, logits, batch).sum(), torch.tensor(len(logits)),
+                              torch.tensor(unreadable)])
     if run.world_size > 1:
         torch.distributed.all_reduce(total)
     run.counters["val_unreadable"] = int(total[2])
@@ -281,8 +268,9 @@ def log_line(run, meter, lr):
 def main(argv=None):
     run = setup(argv)  # flags, processes, data, vocabulary, where the run starts, the model, AdamW
     results = {"task": run.cfg.task, "val_accuracy": fine_tune(run), "steps": run.step,
-               "wall_seconds": round(time.time() - run.t_start, 1), **run.facts,
-               "baselines": dict(run.priors)}
+               "wall_seconds": round(time.time() - run.t_start, 1), "new_words": run.new_words,
+               **tasks.describe(run.train_set, run.val_set, run.answers), "world_size": run.world_size,
+               "dtype": distributed.dtype_name(run.dtype), "baselines": tasks.prior_baselines(run.train_set, run.val_set)}
     if run.cfg.baselines and run.cfg.task in ("vqa", "multimodal"):
         for blank, name in (("image", "question_only"), ("text", "image_only")):  # the same recipe, one input blank
             t0, base = time.time(), fresh_run(run, blank, name)
@@ -320,25 +308,20 @@ class Run:
     val_set: object
     answers: list  # the answer (or label) vocabulary, most frequent first: the head's outputs
     new_words: list  # the word pieces appended to the init's vocabulary
-    priors: dict  # the baselines that need no model (tasks.prior_baselines)
-    facts: dict  # what finetune.json reports of the data, the vocabulary and the machine
     total: int  # optimizer steps of the run
-    t_start: float
-    carry: dict = None  # what the checkpoint carries on from the init (CARRIED)
+    carry: dict  # what the checkpoint carries on from the init (CARRIED)
+    t_start: float = field(default_factory=time.time)
     name: str = "finetune"  # or a baseline's name
     blank: str | None = None  # the modality a baseline blanks
     save: bool = True  # baselines write no checkpoints
     step: int = 0
     last_saved: int | None = None
-    counters: dict = None  # skipped_samples, overflow_steps, val_unreadable: over the run, resumes included
+    counters: dict = field(default_factory=lambda: dict(skipped_samples=0, overflow_steps=0))  # resumes included
     model: FineTuned = None
     step_fn: object = None  # the model as the step calls it: bare or under DDP
     trainable: list = None
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler = None
-
-    def __post_init__(self):
-        self.counters = self.counters or {"skipped_samples": 0, "overflow_steps": 0}
 
     def path(self, name):
         return os.path.join(self.cfg.out_dir, name)
@@ -349,28 +332,23 @@ class Run:
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    """Flags -> FinetuneConfig; an unknown flag exits through argparse, a missing input or an unknown task in one
-    line (exit status 2)."""
-    import argparse
-
+    """Flags -> FinetuneConfig (an unknown flag exits through argparse); a missing input or a bad value is refused
+    in one line, exit status 2, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_flags(parser, "fine-tuning", FinetuneConfig)
-    given = {k: v for k, v in vars(parser.parse_args(sys.argv[1:] if argv is None else list(map(str, argv)))).items()
-             if v is not None}
-    cfg = FinetuneConfig(**given)
-    problems = [f"--{k} is required" for k in ("init", "train", "val") if not getattr(cfg, k)]
-    problems += [f"unknown --task {cfg.task!r}: choose one of {', '.join(TASKS)}"] if cfg.task not in TASKS else []
-    problems += [f"unknown encoder {e!r} in --frozen (image, text, mm)" for e in filter(None, cfg.frozen.split(","))
-                 if e not in ENCODERS]
-    problems += [f"--new_words {cfg.new_words!r} must be split, unk or none"] if cfg.new_words not in (
-        "split", "unk", "none") else []
-    problems += ["--resume and --overwrite: give one of them"] if cfg.resume and cfg.overwrite else []
-    problems += [f"--resume_changes {cfg.resume_changes!r} must be refuse or ok"] if cfg.resume_changes not in (
-        "refuse", "ok") else []
-    if cfg.batch_size < 1 or cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
-        problems.append(f"--batch_size {cfg.batch_size} must be a positive multiple of the world size")
-    if problems:
-        fail(problems[0])
+    given = vars(parser.parse_args(None if argv is None else list(map(str, argv))))
+    cfg = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's, before any process group exists
+    checks = {f"--{k} is required": not getattr(cfg, k) for k in ("init", "train", "val")} | {
+        f"unknown --task {cfg.task!r}: choose one of {', '.join(TASKS)}": cfg.task not in TASKS,
+        f"--frozen {cfg.frozen!r} may name image, text, mm only": not set(filter(None, cfg.frozen.split(","))) <= set(ENCODERS),
+        f"--new_words {cfg.new_words!r} must be split, unk or none": cfg.new_words not in ("split", "unk", "none"),
+        f"--resume_changes {cfg.resume_changes!r} must be refuse or ok": cfg.resume_changes not in ("refuse", "ok"),
+        "--resume continues the run in --out_dir and --overwrite replaces it: give one": cfg.resume and cfg.overwrite,
+        f"--batch_size {cfg.batch_size} must be a positive multiple of the world size {world_size}":
+            cfg.batch_size < 1 or cfg.batch_size % world_size}
+    for problem in (p for p, failed in checks.items() if failed):
+        fail(problem)
     return cfg
 
 
@@ -389,8 +367,10 @@ def starting_point(cfg, rank, world_size, device, dtype, print0):
     resume, _ = checkpoints.decide_resume(as_train, {}, rank, world_size, device, print0)
     if resume is None:
         return None, open_init(cfg.init)
-    saved = {"train_cfg": resume["finetune_cfg"], "precision": resume["precision"]}
-    current = {"train_cfg": asdict(cfg), "precision": checkpoints.precision(device, dtype)}
+    # besides checkpoints.HARMLESS, what cannot change the run's numbers: threads, validation batches, baselines
+    saved, current = ({"train_cfg": {k: v for k, v in c.items() if k not in ("threads", "eval_batch", "baselines")},
+                       "precision": p} for c, p in ((resume["finetune_cfg"], resume["precision"]),
+                                                    (asdict(cfg), checkpoints.precision(device, dtype))))
     for change in checkpoints.check_resume_flags(os.path.join(cfg.out_dir, "ckpt.pt"), saved, current,
                                                  cfg.resume_changes == "ok"):
         print0(f"--resume_changes ok: {change}")
@@ -406,38 +386,32 @@ def setup(argv) -> Run:
     """Flags -> processes -> where the run starts -> data and vocabularies -> config.json and the log -> the model.
     Bad input (a missing or empty file, an unknown task, a refused resume) stops here: one line, exit status 2."""
     cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     rank, _, world_size, device = distributed.setup_distributed(cfg.device)
     print0 = print if rank == 0 else (lambda *a, **k: None)
     try:  # every input is opened (or refused) here, before any compute
         dtype = distributed.resolve_dtype(cfg.dtype, device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         resume, init = starting_point(cfg, rank, world_size, device, dtype, print0)
-        start = resume or init
-        mcfg = ModelConfig(**start["model_cfg"])
+        mcfg = ModelConfig(**(resume or init)["model_cfg"])
         train_set, val_set = tasks.open_task(cfg.task, cfg.train, cfg.val, mcfg.image_size, mcfg.text_len)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     if resume is None:  # the words the checkpoint's vocabulary lacks, and the answers, from the training set
         tokenizer, new = tasks.grow_vocabulary(data.Tokenizer(init["vocab"]), train_set.words(), cfg.new_words,
                                                cfg.min_word_count)
-        answers = tasks.answer_vocab(train_set, cfg.max_answers)
-        start = {**init, **tasks.grown_init(init, len(tokenizer), cfg.seed)}
+        answers, start = tasks.answer_vocab(train_set, cfg.max_answers), {**init, **tasks.grown_init(init, len(tokenizer), cfg.seed)}
     else:  # a resumed run: both as its checkpoint has them
-        tokenizer, new, answers = data.Tokenizer(resume["vocab"]), resume["new_words"], resume["answers"]
+        tokenizer, new, answers, start = data.Tokenizer(resume["vocab"]), resume["new_words"], resume["answers"], resume
     if new:
         print0(f"vocabulary: {len(new)} words of the training text lack a piece of their own ({', '.join(new[:6])}"
                f"{', ...' if len(new) > 6 else ''}): new ids {len(tokenizer) - len(new)}-{len(tokenizer) - 1}, "
                "their embedding and MLM / MMM-text decoder rows at the mean of the old rows + noise")
-    for ds in (train_set, val_set):  # bad rows: counted, the first named, one line a file
-        ds.tokenizer, ds.vocab, ds.squash = tokenizer, {a: i for i, a in enumerate(answers)}, start.get("preprocess") == "squash"
-        if ds.num_skipped:
-            print0(f"{ds.path}: skipped {ds.num_skipped} bad rows, the first at line {ds.skipped[0][0]}: {ds.skipped[0][1]}")
-    facts = {"train_rows": len(train_set), "val_rows": len(val_set), "answers": len(answers),
-             "val_rows_unseen_answer": sum(a not in set(answers) for a in tasks.top_answers(val_set)),
-             "skipped_rows": {"train": train_set.num_skipped, "val": val_set.num_skipped}, "new_words": new,
-             "world_size": world_size, "dtype": distributed.dtype_name(dtype), "image_size": mcfg.image_size}
+    for note in tasks.prepare((train_set, val_set), tokenizer, answers, start.get("preprocess") == "squash"):
+        print0(note)  # bad rows: counted, the first named, one line a file
     total = cfg.steps or max(1, round(cfg.epochs * len(train_set) / cfg.batch_size))
-    config = {"finetune": asdict(cfg), "model": start["model_cfg"], "steps": total, **facts}
+    config = {"finetune": asdict(cfg), "model": start["model_cfg"], "steps": total, "world_size": world_size,
+              "dtype": distributed.dtype_name(dtype), "answers": len(answers), "new_words": new}
     print0(json.dumps(config))  # the resolved config, once (config.json holds the same)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if rank == 0:
@@ -446,8 +420,7 @@ def setup(argv) -> Run:
         if cfg.resume:  # the steps after the checkpoint are redone: their log rows go
             checkpoints.trim_log(log_path, resume["step"] if resume else 0, keep_stage1=False)
     run = Run(cfg, rank, world_size, device, dtype, print0, runlog.Log(log_path, rank, append=cfg.resume), tokenizer,
-              train_set, val_set, answers, new, tasks.prior_baselines(train_set.texts(), val_set.texts()), facts,
-              total, time.time(), {k: start[k] for k in CARRIED if k in start})
+              train_set, val_set, answers, new, total, {k: start[k] for k in CARRIED if k in start})
     build_model(run, start)
     return run
 
@@ -467,6 +440,9 @@ def build_model(run, start):
     head = Head(flava.cfg.width, len(run.answers), linear=cfg.freeze)
     if resumed:
         load_state(head, start["head"], os.path.join(cfg.out_dir, "ckpt.pt"))
+    else:  # the output bias at the training answers' prior: the first steps need not learn it (RetinaNet §4.1)
+        p = tasks.answer_prior(run.train_set, run.answers).clamp(1e-4, 1 - 1e-4)  # (A,)
+        head[-1].bias.data.copy_(p.log() - (1 - p).log() if cfg.task == "vqa" else p.log())  # sigmoid or softmax
     model = run.model = FineTuned(flava, head, cfg.task).to(run.device)
     # Only what the task's [CLS] depends on trains: the contrastive projections and the pretraining heads never
     # get a gradient, so AdamW need not hold them; --freeze and --frozen keep chosen encoders as they are.
@@ -486,14 +462,14 @@ def build_model(run, start):
         run.counters.update(start["counters"])
         checkpoints.set_rng_state(start["rng"], run.device)
         run.print0(f"resumed from {run.path('ckpt.pt')} at step {run.step} of {run.total}")
-    n = sum(p.numel() for p in run.trainable)
-    run.print0(f"{run.name}: {cfg.task} on {len(run.answers)} answers, {n / 1e6:.2f}M of "
-               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train, {run.total} steps")
+    run.print0(f"{run.name}: {cfg.task}, {len(run.answers)} answers, {sum(p.numel() for p in run.trainable) / 1e6:.2f}M"
+               f" of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train, {run.total} steps")
 
 
 def fresh_run(run, blank, name):
     """A baseline: the same recipe from the same pretrained weights, one modality blanked, no checkpoints."""
-    base = replace(run, name=name, blank=blank, save=False, step=0, last_saved=None, counters=None)
+    base = replace(run, name=name, blank=blank, save=False, step=0, last_saved=None,
+                   counters=dict(skipped_samples=0, overflow_steps=0))
     init = open_init(run.cfg.init)
     build_model(base, {**init, **tasks.grown_init(init, len(run.tokenizer), run.cfg.seed)})
     return base

@@ -56,28 +56,31 @@ def targets(scores: dict, vocab: dict) -> torch.Tensor:
     return out  # (A,)
 
 
-def prior_baselines(train_rows, val_rows) -> dict:
-    """What a model that never looks at a val input scores: the majority answer of training, and (questions
-    only) the majority answer of training for the same question text, else the overall majority: the
-    question-only prior. Rows are (question or None, scores dict)."""
+def answer_prior(ds, answers) -> torch.Tensor:
+    """(A,) the mean soft score of each answer over the rows (for one-answer rows: how often it is the answer)."""
+    index, total = {a: i for i, a in enumerate(answers)}, torch.zeros(len(answers))
+    rows = ds.texts()
+    for _, scores in rows:
+        total += targets(scores, index)
+    return total / len(rows)
+
+
+def prior_baselines(train_set, val_set) -> dict:
+    """What a model that never looks at a val input scores: the majority answer of training ("majority"), and for
+    questions the majority answer that training gave the same question text, else the overall one: the
+    question-only prior ("question_prior"). VQA-scored (soft scores) where the rows have several answers."""
     overall, by_question = collections.Counter(), collections.defaultdict(collections.Counter)
-    for question, scores in train_rows:
+    for question, scores in train_set.texts():
         top = max(scores, key=lambda a: (scores[a], a))  # the row's own answer
         overall[top] += 1
-        if question is not None:
-            by_question[question][top] += 1
-    majority = ranked(overall)[0]
-    out, n = {"majority": 0.0}, 0
-    prior = 0.0
-    for question, scores in val_rows:
-        n += 1
-        out["majority"] += scores.get(majority, 0.0)
-        guess = ranked(by_question[question])[0] if question in by_question else majority
-        prior += scores.get(guess, 0.0)
-    out = {k: v / max(n, 1) for k, v in out.items()}
-    if any(q is not None for q, _ in val_rows):
-        out["question_prior"] = prior / max(n, 1)
-    return out | {"majority_answer": majority}
+        by_question[question][top] += 1
+    majority, val = ranked(overall)[0], val_set.texts()
+    out = {"majority": sum(s.get(majority, 0.0) for _, s in val) / len(val), "majority_answer": majority}
+    if val[0][0] is not None:  # the rows have questions
+        guess = {q: ranked(c)[0] for q, c in by_question.items()}
+        out["question_prior"] = sum(s.get(guess.get(q, majority), 0.0) for q, s in val) / len(val)
+    return out
+
 
 def top_answers(ds):
     """Each row's answer: the one with the highest soft score (ties by name)."""
@@ -88,6 +91,26 @@ def answer_vocab(ds, cap=0):
     """The head's outputs: every answer the training rows give (each row's distinct answers counted once, as
     VQAv2's answer lists are built), most frequent first, at most cap."""
     return ranked(collections.Counter(a for _, s in ds.texts() for a in s), cap)
+
+
+def prepare(sets, tokenizer, answers, squash):
+    """Give each dataset the tokenizer, the answer ids and a published model's resizing -> one note a file that
+    had bad rows (how many, and the first)."""
+    notes = []
+    for ds in sets:
+        ds.tokenizer, ds.vocab, ds.squash = tokenizer, {a: i for i, a in enumerate(answers)}, squash
+        if ds.num_skipped:
+            notes.append(f"{ds.path}: skipped {ds.num_skipped} bad rows, the first at line {ds.skipped[0][0]}: "
+                         f"{ds.skipped[0][1]}")
+    return notes
+
+
+def describe(train_set, val_set, answers):
+    """What finetune.json reports of the data."""
+    known = set(answers)
+    return {"train_rows": len(train_set), "val_rows": len(val_set), "answers": len(answers),
+            "val_rows_unseen_answer": sum(a not in known for a in top_answers(val_set)),
+            "skipped_rows": {"train": train_set.num_skipped, "val": val_set.num_skipped}}
 
 
 def open_task(task, train, val, image_size, text_len):
@@ -270,6 +293,17 @@ class LabelledImages(manifests.ImageFolder):
     def _read(self, i, rng=None):
         return {"image": data.read_image(self.files[i], self.image_size, self.train, rng, self.squash),
                 "label": self.vocab.get(self.classes[self.labels[i]], -1)}
+
+
+def val_batches(ds, rank, world_size, batch_size):
+    """This rank's val rows (r, r + world, ...) in batches -> (batch, rows dropped). A row whose image cannot be
+    read is dropped, never replaced by the next one as in training (it would be scored twice)."""
+    mine = range(rank, len(ds), world_size)
+    for i in range(0, len(mine), batch_size):
+        samples = [ds.load(j) for j in mine[i: i + batch_size]]
+        good = [s for s in samples if not s.get("skipped")]
+        if good:
+            yield collate(good)[1], len(samples) - len(good)
 
 
 def collate(samples):
