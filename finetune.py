@@ -171,10 +171,8 @@ def inputs(run, batch):
         ids, attn = batch["ids"][:, :keep], batch["attn"][:, :keep]  # (B, L') pads are never attended), 20% faster
         if run.blank == "text":
             tok = run.tokenizer
-            ids = torch.full_like(ids, tok.pad_id)
-            ids[:, 0], ids[:, 1] = tok.cls_id, tok.sep_id
-            attn = ids != tok.pad_id  # (B, L)
-        out.update(ids=ids, attn=attn)
+            ids = torch.tensor([tok.cls_id, tok.sep_id] + [tok.pad_id] * (keep - 2)).expand_as(ids)  # (B, L')
+        out.update(ids=ids, attn=attn if run.blank != "text" else ids != run.tokenizer.pad_id)
     return out
 
 
@@ -280,8 +278,8 @@ def main(argv=None):
     if run.rank == 0:
         with open(run.path("finetune.json"), "w") as f:
             json.dump(results, f, indent=1)
-        table = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-        print(format_table({**table, **{f"baseline {k}": v for k, v in results["baselines"].items()}}))
+        print(format_table({**{k: v for k, v in results.items() if not isinstance(v, (dict, list))},
+                            **{f"baseline {k}": v for k, v in results["baselines"].items()}}))
     if run.world_size > 1:  # DDP's reducer goes first (as train.main)
         run.step_fn = None
         torch.distributed.barrier()
