@@ -116,3 +116,9 @@ def check_train_flags(train, overrides):
         raise ValueError("--resume continues the run in --out_dir and --overwrite replaces it: give one of them")
     if train.min_loss_scale < 0:
         raise ValueError(f"--min_loss_scale={train.min_loss_scale} must be >= 0")
+
+
+def fail(prog, error):
+    """Bad input at the start: one line naming the path and what was expected, exit status 2 (as argparse's)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

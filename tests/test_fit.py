@@ -16,11 +16,11 @@ from test_bench import ARGS
 def held_after_forward(cfg, loss_cfg, batch):
     """Bytes allocated and not freed during one forward of the paired step (the profiler's allocation records):
     what the graph keeps for backward, plus the few outputs."""
-    import bench
+    import runners
 
-    runner = bench.Ours(cfg, torch.device("cpu"), torch.bfloat16)
+    runner = runners.Ours(cfg, torch.device("cpu"), torch.bfloat16)
     runner.objective.cfg = loss_cfg
-    inputs = bench.make_batch(cfg, batch, torch.device("cpu"))
+    inputs = runners.make_batch(cfg, batch, torch.device("cpu"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         with runner.autocast:
             out = runner.objective("pairs", inputs, 0)
