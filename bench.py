@@ -147,6 +147,8 @@ def fit(args, cfg, device):
         print(f"| {ckpt} | {row['per_pair_mib'] or 0:.0f} | {row['largest']} | {row['largest_fsdp']} |")
     if device.type != "cuda":
         print("\nCPU estimate: measured activations, computed weights and optimizer state (see bench.fit)")
+    with open(args.json, "w") as f:
+        json.dump({"preset": args.preset, "gpu_gb": args.gpu_gb, "device": str(device), "rows": rows}, f, indent=1)
     return rows
 
 
