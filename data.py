@@ -338,13 +338,8 @@ def make_loader(mixture, batch_sampler, num_workers=0, pin_memory=False):
                                        persistent_workers=num_workers > 0)
 
 
-def main(argv):
-    """python data.py: a look at the world (shapes.py); python data.py shards MANIFEST OUT_DIR: tar shards (shards.py)."""
+if __name__ == "__main__":  # entry points kept from before the companions: the world's preview, and tar shards
     import shapes
     import shards
 
-    shards.main(argv[1:]) if argv[:1] == ["shards"] else shapes.main()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    shards.main(sys.argv[2:]) if sys.argv[1:2] == ["shards"] else shapes.main()  # python data.py [shards ...]
