@@ -116,7 +116,7 @@ def fit(args, cfg, device):
     """The largest micro-batch (pairs per GPU and forward) of the paired step, at the preset recipe's losses, that
     fits --gpu_gb, with and without --grad_ckpt. On a GPU: searched, doubling in a fresh process each until one
     runs out of memory. On a CPU: estimated, from the activations per pair (saved_bytes at 4 and 8 pairs; SDPA,
-    as on a GPU), 16 bytes per parameter (fp32 weights and gradients, AdamW's two moments; / --world with --fsdp),
+    as on a GPU), 16 bytes per parameter (fp32 weights and gradients, AdamW's two moments; / --world_size with --fsdp),
     2 for autocast's copies of the weights, and 10% of the memory left to the CUDA context and fragmentation."""
     recipe = train.RECIPES[args.preset]
     loss_cfg = losses.LossConfig(**{f.name: recipe[f.name] for f in fields(losses.LossConfig) if f.name in recipe})
@@ -125,7 +125,7 @@ def fit(args, cfg, device):
     print(f"\n{args.preset}: {n_params / 1e6:.0f}M parameters, {args.gpu_gb:g} GB per GPU, keep_ratio "
           f"{loss_cfg.keep_ratio:g}, masked_pass_share {loss_cfg.masked_pass_share:g}, "
           f"masked_pass {loss_cfg.masked_pass}\n")
-    print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world |\n"
+    print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world_size |\n"
           + "|---" * 4 + "|")
     rows = []
     for ckpt in (False, True):
@@ -140,7 +140,7 @@ def fit(args, cfg, device):
             row = {"grad_ckpt": ckpt, "per_pair_mib": None, "largest": largest, "largest_fsdp": None}
         else:
             per_pair = (saved_bytes(c, loss_cfg, 8) - saved_bytes(c, loss_cfg, 4)) / 4
-            room = [0.9 * args.gpu_gb * 1e9 - n_params * (16 / w + 2) for w in (1, args.world)]
+            room = [0.9 * args.gpu_gb * 1e9 - n_params * (16 / w + 2) for w in (1, args.world_size)]
             row = {"grad_ckpt": ckpt, "per_pair_mib": per_pair / 2**20, "largest": int(room[0] // per_pair),
                    "largest_fsdp": int(room[1] // per_pair)}
         rows.append(row)
@@ -167,7 +167,7 @@ def parse_args(argv):
             ("mem", "true", "measure memory, in a fresh process per case: true | false"),
             ("masked_pass_share", 1.0, "share of a paired batch's rows in the masked pass (1.0 = FLAVA; tiny: 0.5)"),
             ("micro", 0, "also time the paired step in micro-batches of this many pairs (GradCache; 0 = not)"),
-            ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world", 8, "--fit: processes that --fsdp shards over"),
+            ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world_size", 8, "--fit: processes that --fsdp shards over"),
             ("precision_steps", 300, "--precision: steps of each short train.py run"),
             ("json", "bench.json", "where to write the results")]:
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)

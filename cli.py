@@ -20,9 +20,9 @@ from model import ModelConfig
 
 # Flags renamed, old name -> new: the old one still works for one release, with a message naming the new one.
 # masked_fraction was a share of a batch's rows, beside mask_ratio and keep_ratio that are shares of patches; the
-# image tokenizer was called a dVAE, which a k-means quantiser is not.
+# image tokenizer was called a dVAE, which a k-means quantiser is not; bench.py's --world was the world size.
 RENAMED = {"masked_fraction": "masked_pass_share", "dvae_ckpt": "image_tokenizer_ckpt",
-           "dvae_steps": "image_tokenizer_steps"}
+           "dvae_steps": "image_tokenizer_steps", "world": "world_size"}  # bench.py --world: "world" is the shapes world
 
 
 def field_help(cls) -> dict:

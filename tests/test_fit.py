@@ -53,7 +53,7 @@ def test_fit_estimate_follows_from_the_measured_activations(tiny_cfg, capsys, tm
     import bench
     import model as M
 
-    rows = bench.main(ARGS + ["--fit", "--gpu_gb", "0.5", "--world", "4", "--json", str(tmp_path / "fit.json")])
+    rows = bench.main(ARGS + ["--fit", "--gpu_gb", "0.5", "--world_size", "4", "--json", str(tmp_path / "fit.json")])
     n = sum(p.numel() for p in M.FLAVA(tiny_cfg).parameters())
     assert [r["grad_ckpt"] for r in rows] == [False, True]
     for r in rows:
