@@ -30,23 +30,36 @@ from weightfiles import load_state, read_weights
 # ---------------------------------------------------------------------------------------------
 
 
-def codebook_state(path) -> dict:
-    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
-    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
-    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
+def codebook_hf_names(cfg: ModelConfig) -> dict:
+    """DalleEncoder tensor name -> Hugging Face's FlavaImageCodebook name (flava-full adds image_codebook.), one
+    map read both ways (codebook_state imports, export writes). For example groups.1.0.res_path.5.weight ->
+    blocks.group_2.group.block_1.res_path.path.conv_3.weight: groups and blocks count from 1 there, and only the
+    convolutions of the residual path are numbered (ours count its ReLUs too)."""
+    with torch.device("meta"):  # the names and nothing else: no memory for `base`'s 256-wide encoder
+        names = list(DalleEncoder(cfg).state_dict())
+    out = {}
+    for name in names:
+        hf = re.sub(r"^(input|output)\.", lambda m: f"blocks.{m[1]}{'.conv' if m[1] == 'output' else ''}.", name)
+        hf = re.sub(r"^groups\.(\d)\.(\d+)\.", lambda m: f"blocks.group_{int(m[1]) + 1}.group.block_{int(m[2]) + 1}.", hf)
+        out[name] = re.sub(r"res_path\.(\d)", lambda m: f"res_path.path.conv_{(int(m[1]) + 1) // 2}", hf)
+    return out
+
+
+def codebook_state(path, cfg: ModelConfig) -> dict:
+    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names (codebook_hf_names), with flava-full's
+    image_codebook. prefix or without (facebook/flava-image-codebook); {} if there are none. A name the map does
+    not know (another block count?) stays as it is, so that load_state names it."""
+    ours = {hf: name for name, hf in codebook_hf_names(cfg).items()}
     out = {}
     for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
         if tensor is not None:
-            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
-            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
-                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
-            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
+            out[ours.get(name.removeprefix("image_codebook."), name)] = tensor.float()
     return out
 
 
 def load_codebook(path, cfg: ModelConfig) -> DalleEncoder:
     """DALL-E's encoder from flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
-    state = codebook_state(path)
+    state = codebook_state(path, cfg)
     if not state:
         raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
     encoder = DalleEncoder(cfg)
@@ -183,7 +196,7 @@ def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
     if not (folder / "vocab.txt").is_file():
         raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
-    codebook_tensors = codebook_state(codebook or path) or None
+    codebook_tensors = codebook_state(codebook or path, model.cfg) or None
     if codebook_tensors is None:
         print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
     else:

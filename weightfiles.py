@@ -93,6 +93,33 @@ def _read_safetensors(path, keep) -> dict:
     return state
 
 
+def write_safetensors(path, tensors: dict, metadata=None):
+    """Write {name: tensor} as a .safetensors file by hand, which _read_safetensors and the safetensors library
+    both read: the header padded with spaces to 8 bytes (as that library writes it, so every tensor starts
+    aligned), then each tensor's bytes back to back in the header's order. Written to a temporary file, flushed
+    and renamed, so a crash leaves no torn file. Bytes in the host's order: little-endian, as the format wants,
+    on every platform torch ships for."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold here")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # (numel * itemsize,) raw bytes
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_weights(folder, keep=lambda name: True) -> dict:
     """name -> tensor from a Hugging Face folder: model.safetensors or pytorch_model.bin, sharded or not
     (*.index.json). Names that `keep` rejects map to None: listed, never read (a .bin is memory-mapped)."""
