@@ -1,9 +1,10 @@
-"""Weight files read with torch alone: safetensors parsed by hand, pytorch_model.bin, sharded indexes, and a
-state dict loaded into a module with a message that names every mismatch.
+"""Weight files with torch alone: safetensors parsed and written by hand, pytorch_model.bin, sharded indexes, and
+a state dict loaded into a module with a message that names every mismatch.
 
-Companion of model.py: pretrained.py reads Hugging Face's FLAVA through it, checkpoints.py loads nanoFLAVA's
-own checkpoints with load_state. Nothing here knows FLAVA. Exercise it with
-`python -m pytest tests/test_pretrained.py`.
+Companion of model.py: pretrained.py reads Hugging Face's FLAVA through it and writes nanoFLAVA's exports with it,
+checkpoints.py loads nanoFLAVA's own checkpoints with load_state. Nothing here knows FLAVA. A weight file is data
+from anywhere: a safetensors header is checked whole, against the file's size, before one tensor byte is read.
+Exercise it with `python -m pytest tests/test_weightfiles.py tests/test_export.py tests/test_pretrained.py`.
 """
 import json
 import math
