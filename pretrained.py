@@ -305,13 +305,13 @@ def export(ckpt_path, out_dir) -> Path:
     preprocessor_config.json (FlavaImageProcessor). What Hugging Face's FLAVA cannot be is refused in one line;
     what it has no place for is left out, and said in one line each."""
     ckpt, folder = checkpoints.load_checkpoint(ckpt_path), Path(out_dir)
-    cfg, vocab = ModelConfig(**ckpt["model_cfg"]), ckpt["vocab"]
     try:
+        cfg, vocab = ModelConfig(**ckpt["model_cfg"]), ckpt["vocab"]  # (TypeError: a field this ModelConfig lacks)
         tokenizer = data.Tokenizer(vocab)  # the special tokens are there
         if len(vocab) > cfg.vocab_size:
             raise ValueError(f"its {len(vocab)} word pieces are more than the model's vocab_size={cfg.vocab_size}")
         config = config_to_hf(cfg, cfg.image_tokenizer == "dalle" and bool(ckpt["image_tokenizer"]), tokenizer.pad_id)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{ckpt_path}: {e}") from None
     stale = sorted(f.name for f in folder.glob("*") if f.name.endswith((".bin", ".index.json", ".safetensors"))
                    and f.name != "model.safetensors")

@@ -160,7 +160,7 @@ def run(*argv):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
-def test_the_export_and_convert_commands_end_to_end(tmp_path):
+def test_the_export_and_convert_commands_end_to_end(tmp_path, capsys):
     model, codebook = ours_small()
     done = run("pretrained.py", "export", save_ckpt(tmp_path / "ckpt.pt", model, codebook), tmp_path / "hf")
     assert done.returncode == 0 and f"wrote {tmp_path / 'hf'}" in done.stdout, done.stderr
@@ -171,11 +171,13 @@ def test_the_export_and_convert_commands_end_to_end(tmp_path):
     assert_same_state(net.state_dict(), model.state_dict(), atol=0)
     assert_same_state(tok.state_dict(), codebook.state_dict(), atol=0)
     cfg = M.ModelConfig.from_preset("tiny", **{**SMALL, "vocab_size": len(VOCAB)})
-    done = run("pretrained.py", "export", save_ckpt(tmp_path / "conv.pt", M.FLAVA(cfg), None), tmp_path / "no")
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "stem='conv' does not export" in lines[0], done.stderr
-    done = run("pretrained.py", "export", tmp_path / "missing.pt", tmp_path / "no")
-    assert done.returncode == 2 and "does not exist" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    for argv, says in (([save_ckpt(tmp_path / "conv.pt", M.FLAVA(cfg), None), tmp_path / "no"],
+                        "stem='conv' does not export"), ([tmp_path / "missing.pt", tmp_path / "no"], "does not exist")):
+        with pytest.raises(SystemExit) as exit_:  # in this process: the same main, without another torch import
+            pretrained.main(["export", *map(str, argv)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and says in lines[0], lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +248,9 @@ def test_flava_image_processor_from_the_folder_gives_our_evaluation_pixels(expor
         assert gap[False].mean() <= 0.03 and gap[False].max() <= 0.15, (h, w, gap[False].max())
         assert h == w or gap[True].mean() > 0.15, (h, w)  # not Hugging Face's default squash
         assert out["bool_masked_pos"].shape == (1, 4, 4) and 0 < out["bool_masked_pos"].sum() <= 6  # 0.383 of 16
+    both = transformers.FlavaProcessor.from_pretrained(exported[2])  # the image processor and BertTokenizer together
+    out = both(images=img, text=["a red square"], padding="max_length", return_tensors="pt")
+    assert out["input_ids"].shape == (1, 16) and out["pixel_values"].shape == (1, 3, 32, 32)
 
 
 def test_the_safetensors_library_reads_our_file_as_we_do(exported):
