@@ -69,8 +69,9 @@ def _header(path, f, size: int):
         raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header is not a JSON object but a {type(header).__name__}")
-    if not isinstance(header.pop("__metadata__", {}), dict):
-        raise ValueError(f"{path}: the header's __metadata__ is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):  # the format's rule
+        raise ValueError(f"{path}: the header's __metadata__ is not a JSON object of strings")
     data_bytes = size - 8 - n
     return {name: _entry(f"{path}: tensor {name!r}", info, data_bytes) for name, info in header.items()}, 8 + n
 

@@ -45,6 +45,7 @@ LIES = {  # case: (header, data after it, what the one line must say)
     "shape that is not a list": ({"w": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}, bytes(16),
                                  r"tensor 'w'.*shape 4"),
     "metadata that is not an object": ({"__metadata__": [1], "ok": GOOD}, bytes(8), r"__metadata__"),
+    "metadata that is not strings": ({"__metadata__": {"format": 1}, "ok": GOOD}, bytes(8), r"__metadata__.*strings"),
 }
 
 
