@@ -33,6 +33,7 @@ import ablations
 import cli
 import distributed
 import losses
+import masking
 import model as M
 import runners
 import train
@@ -48,6 +49,53 @@ GOALS = [  # (target, slower case, faster case, goal): x times faster = median o
     ("vs HF: text-only (MLM) step", ("peer", "texts", 1.0), ("ours", "texts", 1.0), 1.0)]
 
 
+class Peer(runners.Runner):
+    """Hugging Face's FlavaForPreTraining from a config equal to ours (random weights, no hub, no
+    codebook). It is handed precomputed targets: codebook indices as `mim_labels` (its DALL-E
+    codebook never runs), the BEiT mask, MLM-masked ids and labels, ITM labels. Ours draws all of
+    those and runs its image tokenizer (a codebook) inside the timed step."""
+    name = "HF"
+
+    def __init__(self, cfg, device, dtype):
+        import transformers  # only here: the peer is optional
+        transformers.logging.set_verbosity_error()
+        common = dict(hidden_size=cfg.width, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_ratio * cfg.width,
+                      layer_norm_eps=cfg.ln_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hcfg = transformers.FlavaConfig(
+            image_config=dict(common, num_hidden_layers=cfg.image_layers, image_size=cfg.image_size,
+                              patch_size=cfg.patch_size, vocab_size=cfg.codebook_size),
+            text_config=dict(common, num_hidden_layers=cfg.text_layers, vocab_size=cfg.vocab_size,
+                             max_position_embeddings=cfg.text_len),
+            multimodal_config=dict(common, num_hidden_layers=cfg.mm_layers), hidden_size=cfg.width,
+            projection_dim=cfg.embed_dim, init_codebook=False)
+        torch.manual_seed(0)
+        self.setup(transformers.FlavaForPreTraining(hcfg), device, dtype)
+        self.cfg, self.inputs = cfg, {}
+
+    def make_inputs(self, case, batch):
+        cfg, g = self.cfg, torch.Generator().manual_seed(0)
+        B, ids, attn = batch["ids"].size(0), batch["ids"].cpu(), batch["attn"].cpu()
+        mean, std = torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
+        image = dict(pixel_values=(batch["image"].cpu().float() / 255 - mean) / std,  # (B, 3, S, S) as ours normalises
+                     mim_labels=torch.randint(cfg.codebook_size, (B, cfg.num_patches), generator=g),  # (B, P)
+                     bool_masked_pos=masking.block_mask(B, cfg.grid, round(0.383 * cfg.num_patches), generator=g))
+        swap = torch.rand(B, generator=g) < 0.25  # ITM negatives: the previous sample's caption, as LossConfig
+        mm_ids = torch.where(swap[:, None], ids.roll(1, 0), ids) if case == "pairs" else ids  # (B, L)
+        masked, labels = masking.text_mask(mm_ids, mask_id=runners.MASK_ID, special_ids=runners.SPECIAL_IDS, vocab_size=cfg.vocab_size,
+                                           generator=g)
+        text = dict(input_ids=ids, attention_mask=attn.long(), input_ids_masked=masked, mlm_labels=labels)
+        x = {"images": image, "texts": text, "pairs": {**image, **text, "itm_labels": (~swap).long()}}[case]
+        return {k: v.to(self.device) for k, v in x.items()}
+
+    def step(self, case, keep, batch, seed):
+        if case not in self.inputs:
+            self.inputs[case] = self.make_inputs(case, batch)
+        x = {k: v.clone() if k.endswith("labels") else v for k, v in self.inputs[case].items()}  # HF edits labels
+        with self.autocast:
+            loss = self.model(**x, return_loss=True).loss
+        self.update(loss)
+
+
 def probe(spec):
     """Memory of one case in this process (meant to be a fresh one): a warm-up step creates the optimizer
     state, then one measured step. `peak`: the CUDA allocator's peak, or the process's peak RSS (torch
@@ -60,7 +108,7 @@ def probe(spec):
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_gb"] * 2**30 / torch.cuda.mem_get_info()[1]))
     share, micro = spec.get("masked_pass_share", 1.0), spec.get("micro", 0)
     runner = runners.Ours(cfg, device, dtype, masked_pass_share=share, micro=micro) if spec["side"] == "ours" \
-        else runners.Peer(cfg, device, dtype)
+        else Peer(cfg, device, dtype)
     batch = runners.make_batch(cfg, spec["batch"], device)
     try:
         runner.step(case, keep, batch, 0)
@@ -212,7 +260,7 @@ def main(argv=None):
     dtype = distributed.resolve_dtype(args.dtype, device)
     sides = {"ours": runners.Ours(cfg, device, dtype, args.compile, args.masked_pass_share, args.micro)}
     if any(side == "peer" for side, _, _ in jobs):
-        sides["peer"] = runners.Peer(cfg, device, dtype)
+        sides["peer"] = Peer(cfg, device, dtype)
     wall = time_interleaved(sides, jobs, runners.make_batch(cfg, B, device), args.warmup, args.steps, device)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None

@@ -584,7 +584,7 @@ PRESETS = {
 }
 
 
-if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt: the published FLAVA (see pretrained.py)
+if __name__ == "__main__":  # python model.py convert|export ...: the published FLAVA in and out (pretrained.py)
     import pretrained
 
     pretrained.main()

@@ -1,5 +1,5 @@
-"""The steps bench.py times: nanoFLAVA's (as train.py runs them, on random inputs) and Hugging Face's
-FlavaForPreTraining at an equal config (the optional peer: transformers, imported only when asked for).
+"""The steps bench.py times: nanoFLAVA's, as train.py runs them, on random inputs (bench.Peer runs Hugging Face's
+FlavaForPreTraining at an equal config beside it: the optional transformers is imported there only).
 
 Companion of bench.py. Each runner owns a model, the optimizer half of train.py's step (AdamW, a GradScaler for
 fp16, clipping) and a `step(case, keep, batch, seed)`; the cases are the contrastive pass alone, the paired FLAVA
@@ -101,50 +101,3 @@ class Ours(Runner):
                               self.autocast)
         self.update()
         self.model.clamp_logit_scale_()
-
-
-class Peer(Runner):
-    """Hugging Face's FlavaForPreTraining from a config equal to ours (random weights, no hub, no
-    codebook). It is handed precomputed targets: codebook indices as `mim_labels` (its DALL-E
-    codebook never runs), the BEiT mask, MLM-masked ids and labels, ITM labels. Ours draws all of
-    those and runs its image tokenizer (a codebook) inside the timed step."""
-    name = "HF"
-
-    def __init__(self, cfg, device, dtype):
-        import transformers  # only here: the peer is optional
-        transformers.logging.set_verbosity_error()
-        common = dict(hidden_size=cfg.width, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_ratio * cfg.width,
-                      layer_norm_eps=cfg.ln_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        hcfg = transformers.FlavaConfig(
-            image_config=dict(common, num_hidden_layers=cfg.image_layers, image_size=cfg.image_size,
-                              patch_size=cfg.patch_size, vocab_size=cfg.codebook_size),
-            text_config=dict(common, num_hidden_layers=cfg.text_layers, vocab_size=cfg.vocab_size,
-                             max_position_embeddings=cfg.text_len),
-            multimodal_config=dict(common, num_hidden_layers=cfg.mm_layers), hidden_size=cfg.width,
-            projection_dim=cfg.embed_dim, init_codebook=False)
-        torch.manual_seed(0)
-        self.setup(transformers.FlavaForPreTraining(hcfg), device, dtype)
-        self.cfg, self.inputs = cfg, {}
-
-    def make_inputs(self, case, batch):
-        cfg, g = self.cfg, torch.Generator().manual_seed(0)
-        B, ids, attn = batch["ids"].size(0), batch["ids"].cpu(), batch["attn"].cpu()
-        mean, std = torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
-        image = dict(pixel_values=(batch["image"].cpu().float() / 255 - mean) / std,  # (B, 3, S, S) as ours normalises
-                     mim_labels=torch.randint(cfg.codebook_size, (B, cfg.num_patches), generator=g),  # (B, P)
-                     bool_masked_pos=masking.block_mask(B, cfg.grid, round(0.383 * cfg.num_patches), generator=g))
-        swap = torch.rand(B, generator=g) < 0.25  # ITM negatives: the previous sample's caption, as LossConfig
-        mm_ids = torch.where(swap[:, None], ids.roll(1, 0), ids) if case == "pairs" else ids  # (B, L)
-        masked, labels = masking.text_mask(mm_ids, mask_id=MASK_ID, special_ids=SPECIAL_IDS, vocab_size=cfg.vocab_size,
-                                           generator=g)
-        text = dict(input_ids=ids, attention_mask=attn.long(), input_ids_masked=masked, mlm_labels=labels)
-        x = {"images": image, "texts": text, "pairs": {**image, **text, "itm_labels": (~swap).long()}}[case]
-        return {k: v.to(self.device) for k, v in x.items()}
-
-    def step(self, case, keep, batch, seed):
-        if case not in self.inputs:
-            self.inputs[case] = self.make_inputs(case, batch)
-        x = {k: v.clone() if k.endswith("labels") else v for k, v in self.inputs[case].items()}  # HF edits labels
-        with self.autocast:
-            loss = self.model(**x, return_loss=True).loss
-        self.update(loss)
