@@ -18,12 +18,10 @@ measured in a fresh process per case. MFU: model FLOPs (flops.flops_per_sample) 
 import argparse
 import json
 import multiprocessing as mp
-import os
 import platform
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, fields, replace
@@ -31,17 +29,16 @@ from dataclasses import asdict, fields, replace
 import torch
 from tqdm import tqdm
 
+import ablations
 import cli
 import distributed
-import flops
-import gradcache
 import losses
 import masking
 import model as M
+import runners
 import train
 
 PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense fp16/bf16 tensor-core peaks (data sheets, SXM)
-SPECIAL_IDS, MASK_ID = tuple(range(5)), 4  # data.SPECIALS ([PAD] [UNK] [CLS] [SEP] [MASK]) open every vocabulary
 GOALS = [  # (target, slower case, faster case, goal): x times faster = median over rounds of t(slower) / t(faster)
     ("FLIP: contrastive pass, keep 0.5 vs 1.0", ("ours", "contrastive", 1.0), ("ours", "contrastive", 0.5), 1.8),
     ("FLIP: contrastive pass, keep 0.25 vs 1.0", ("ours", "contrastive", 1.0), ("ours", "contrastive", 0.25), 3.0),
@@ -52,92 +49,7 @@ GOALS = [  # (target, slower case, faster case, goal): x times faster = median o
     ("vs HF: text-only (MLM) step", ("peer", "texts", 1.0), ("ours", "texts", 1.0), 1.0)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_batch(cfg, B, device, seed=0):
-    """Random uint8 images and captions of random length: [CLS] words [SEP] [PAD] ..."""
-    g, S, L = torch.Generator().manual_seed(seed), cfg.image_size, cfg.text_len
-    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=g)  # (B, 3, S, S)
-    length = torch.randint(L // 2, L + 1, (B,), generator=g)  # (B,)
-    attn = torch.arange(L)[None] < length[:, None]  # (B, L), True on real tokens
-    ids = torch.randint(len(SPECIAL_IDS), cfg.vocab_size, (B, L), generator=g).masked_fill(~attn, 0)  # (B, L)
-    ids[:, 0], ids[torch.arange(B), length - 1] = 2, 3  # [CLS] first, [SEP] last
-    return {"image": images.to(device), "ids": ids.to(device), "attn": attn.to(device)}
-
-
-def case_flops(cfg, case, keep, masked_pass_share=1.0):
-    """Training FLOPs per sample (3 x forward): flops.py's count of the step, or of the contrastive pass alone."""
-    case = "pairs" if case == "accum" else case  # the same model FLOPs: the extra forward is overhead
-    if case != "contrastive":
-        return flops.flops_per_sample(cfg, case, keep, masked_pass_share=masked_pass_share)
-    return flops.contrastive_flops(cfg, keep)
-
-
-class Runner:
-    """A model with the optimizer half of train.py's step: its AdamW, a GradScaler for fp16, clipping."""
-
-    def setup(self, model, device, dtype):
-        self.model, self.device = model.to(device).train(), device
-        self.opt = train.make_optimizer(self.model, train.TrainConfig())
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def update(self, loss=None):
-        if loss is not None:
-            self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-
-
-class Ours(Runner):
-    name = "nanoFLAVA"
-
-    def __init__(self, cfg, device, dtype, compile=False, masked_pass_share=1.0, micro=0):
-        torch.manual_seed(0)
-        self.micro = micro  # the "accum" case: the paired step in micro-batches of this many pairs (GradCache)
-        self.setup(M.FLAVA(cfg), device, dtype)
-        self.loss_cfgs = {}  # one LossConfig per keep ratio, reused (a compiled step guards on it); the full
-        # FLAVA step runs the masked pass on the whole batch (masked_pass_share 1.0), as Hugging Face's does
-        self.masked_pass_share = masked_pass_share
-        image_tokenizer = M.KMeansTokenizer(cfg).to(device)
-        self.objective = losses.FLAVALoss(self.model, image_tokenizer, self.loss_config(1.0), MASK_ID, SPECIAL_IDS)
-        self.full, self.contrastive = self.objective, self._contrastive
-        if compile:
-            self.full, self.contrastive = losses.compile_step(self.objective), losses.compile_step(self._contrastive)
-
-    def loss_config(self, keep):
-        return self.loss_cfgs.setdefault(keep, losses.LossConfig(keep_ratio=keep,
-                                                                     masked_pass_share=self.masked_pass_share))
-
-    def _contrastive(self, images_u8, ids, attn, keep_idx):
-        """The contrastive pass of losses.FLAVALoss.pairs on its own."""
-        out = self.model.forward_contrastive(images_u8.float() / 255, ids, attn, keep_idx)
-        return losses.contrastive_loss(out.image_emb, out.text_emb, self.model.logit_scale)
-
-    def step(self, case, keep, batch, seed):
-        if case == "contrastive":
-            with self.autocast:
-                B, P = batch["ids"].size(0), self.model.cfg.num_patches
-                gen = torch.Generator(self.device).manual_seed(seed)
-                keep_idx = masking.random_keep(B, P, keep, self.device, gen) if keep < 1 else None  # (B, K)
-                loss = self.contrastive(batch["image"], batch["ids"], batch["attn"], keep_idx)
-            self.scaler.scale(loss).backward()
-        else:  # as train.py runs it
-            self.objective.cfg = self.loss_config(keep)
-            gradcache.accumulate(self.full, "pairs" if case == "accum" else case, batch, seed,
-                              self.micro if case == "accum" else 0, lambda x: self.scaler.scale(x).backward(),
-                              self.autocast)
-        self.update()
-        self.model.clamp_logit_scale_()
-
-
-class Peer(Runner):
+class Peer(runners.Runner):
     """Hugging Face's FlavaForPreTraining from a config equal to ours (random weights, no hub, no
     codebook). It is handed precomputed targets: codebook indices as `mim_labels` (its DALL-E
     codebook never runs), the BEiT mask, MLM-masked ids and labels, ITM labels. Ours draws all of
@@ -169,7 +81,7 @@ class Peer(Runner):
                      bool_masked_pos=masking.block_mask(B, cfg.grid, round(0.383 * cfg.num_patches), generator=g))
         swap = torch.rand(B, generator=g) < 0.25  # ITM negatives: the previous sample's caption, as LossConfig
         mm_ids = torch.where(swap[:, None], ids.roll(1, 0), ids) if case == "pairs" else ids  # (B, L)
-        masked, labels = masking.text_mask(mm_ids, mask_id=MASK_ID, special_ids=SPECIAL_IDS, vocab_size=cfg.vocab_size,
+        masked, labels = masking.text_mask(mm_ids, mask_id=runners.MASK_ID, special_ids=runners.SPECIAL_IDS, vocab_size=cfg.vocab_size,
                                            generator=g)
         text = dict(input_ids=ids, attention_mask=attn.long(), input_ids_masked=masked, mlm_labels=labels)
         x = {"images": image, "texts": text, "pairs": {**image, **text, "itm_labels": (~swap).long()}}[case]
@@ -195,17 +107,17 @@ def probe(spec):
     if device.type == "cuda" and spec.get("gpu_gb"):  # --fit: as if the GPU had this much memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_gb"] * 2**30 / torch.cuda.mem_get_info()[1]))
     share, micro = spec.get("masked_pass_share", 1.0), spec.get("micro", 0)
-    runner = Ours(cfg, device, dtype, masked_pass_share=share, micro=micro) if spec["side"] == "ours" \
+    runner = runners.Ours(cfg, device, dtype, masked_pass_share=share, micro=micro) if spec["side"] == "ours" \
         else Peer(cfg, device, dtype)
-    batch = make_batch(cfg, spec["batch"], device)
+    batch = runners.make_batch(cfg, spec["batch"], device)
     try:
         runner.step(case, keep, batch, 0)
         if device.type == "cuda":
-            sync(device)
+            runners.sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             runner.step(case, keep, batch, 1)
-            sync(device)
+            runners.sync(device)
             peak = torch.cuda.max_memory_allocated(device)
             return {"oom": False, "peak": peak, "rise": peak - base}
     except torch.cuda.OutOfMemoryError:
@@ -226,83 +138,7 @@ def probe_fresh(spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# The papers' ablations at small scale: what each objective and FLIP's masking buy (learning, not speed)
-# ---------------------------------------------------------------------------------------------
-
-PAIRED_ONLY = ["--p_pairs", "1", "--p_images", "0", "--p_texts", "0"]
-ABLATIONS = [  # (row, train.py flags, processes): equal steps, the default recipe otherwise
-    ("GC only", PAIRED_ONLY + ["--itm_weight", "0", "--mmm_image_weight", "0", "--mmm_text_weight", "0"], 1),
-    ("GC + ITM + MMM (FLAVA's paired objectives)", PAIRED_ONLY, 1),
-    ("full FLAVA: + MIM and MLM batches (the default run)", [], 1),
-    ("2 processes, global contrastive backprop (FLAVA)", ["--backprop", "global"], 2),
-    ("2 processes, local contrastive backprop (CLIP)", ["--backprop", "local"], 2)]
-FLIP_ROWS = [(0.5, False), (0.25, False), (0.5, True), (0.25, True)]  # keep 1.0 is the default row
-COLUMNS = ("zeroshot_top1", "zeroshot_heldout_top1", "i2t_r1", "t2i_r1", "vqa_multimodal", "itm_auc", "itm_auc_hard",
-           "mmm_attr_acc", "mmm_image_acc", "code_majority_acc")
-
-
-def train_and_eval(out, flags, processes=1):
-    """One run of train.py (under torchrun for several processes) and the full eval.py suite -> eval.json. Rerunning
-    the ablation resumes it: a row cut short continues from its last checkpoint (--resume, the same flags, so the
-    same run), a finished row is not trained again, and an evaluated one not evaluated again."""
-    result, ckpt = os.path.join(out, "eval.json"), os.path.join(out, "ckpt.pt")
-    if not (os.path.exists(result) and os.path.getmtime(result) > os.path.getmtime(ckpt)):
-        launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                           "--standalone", f"--nproc_per_node={processes}"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // processes))}
-        subprocess.run([*launch, "train.py", "--out_dir", out, "--eval", "false", "--resume", *flags], check=True,
-                       env=env, stdout=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "eval.py", "--ckpt", ckpt, "--skip_figures"], check=True,
-                       stdout=subprocess.DEVNULL)
-    with open(result) as f:
-        return json.load(f)
-
-
-def ms_per_step(out):
-    """Median training time per step of a run, from its log (evaluation excluded)."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return statistics.median(r["ms_per_step"] for r in map(json.loads, f) if r.get("stage") == "joint")
-
-
-def ablate(args):
-    """FLAVA Table 4 (GC alone, + ITM and MMM, + unimodal MIM and MLM), FLAVA §3.2's global vs local contrastive
-    backprop, and FLIP Table 1a/1e (keep 1.0 / 0.5 / 0.25 at equal wall-clock time, with and without unmasked
-    tuning) -> one table of held-out figures. FLIP's rows get the steps that fit the time the default row took,
-    from each keep ratio's speed measured in a short run; unmasked tuning takes 10% of that time at keep 1.0."""
-    seed, root, results = ["--seed", str(args.seed)], args.ablate_dir, {}
-    steps = ["--steps", str(args.ablate_steps)] if args.ablate_steps else []
-    for i, (row, flags, processes) in enumerate(tqdm(ABLATIONS, desc="ablations")):
-        results[row] = train_and_eval(os.path.join(root, f"row{i}"), [*flags, *seed, *steps], processes)
-    default = os.path.join(root, "row2")
-    budget = ms_per_step(default) * results[ABLATIONS[2][0]]["step"]  # the default row's training time, ms
-    image_tokenizer = ["--image_tokenizer_ckpt", os.path.join(default, "image_tokenizer.pt")]  # the same tokenizer: only the masking differs
-    speed = {1.0: ms_per_step(default)}
-    for keep in sorted({k for k, _ in FLIP_ROWS}):
-        probe_dir = os.path.join(root, f"speed{keep}")
-        if not os.path.exists(os.path.join(probe_dir, "log.jsonl")):  # measured once, also when the ablation resumes
-            subprocess.run([sys.executable, "train.py", "--out_dir", probe_dir, "--keep_ratio", str(keep), "--steps",
-                            "60", "--warmup", "10", "--log_every", "20", "--eval", "false", *image_tokenizer, *seed], check=True,
-                           stdout=subprocess.DEVNULL)
-        speed[keep] = ms_per_step(probe_dir)
-    for keep, tuned in tqdm(FLIP_ROWS, desc="FLIP rows"):
-        tune = round(0.1 * budget / speed[1.0]) if tuned else 0
-        n = round((budget - tune * speed[1.0]) / speed[keep])
-        row = f"FLIP keep {keep:g}, {n} steps{f' + {tune} unmasked' if tuned else ''} (equal time)"
-        results[row] = train_and_eval(os.path.join(root, f"flip{keep}{'t' if tuned else ''}"),
-                                      ["--keep_ratio", str(keep), "--steps", str(n), "--unmasked_steps", str(tune),
-                                       *image_tokenizer, *seed])
-    print(f"\nseed {args.seed}; training time of each FLIP row: {budget / 1e3:.0f} s; ms/step by keep ratio: "
-          + ", ".join(f"{k:g}: {v:.0f}" for k, v in speed.items()))
-    print("\n| run | " + " | ".join(COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|")
-    for row, r in results.items():
-        print(f"| {row} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in COLUMNS) + " |")
-    with open(os.path.join(root, "ablation.json"), "w") as f:
-        json.dump({"seed": args.seed, "budget_ms": budget, "ms_per_step": speed, "results": results}, f, indent=1)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# A batch that fits (--fit), and fp16 beside bf16 (--precision)
+# Memory: the largest micro-batch that fits a GPU
 # ---------------------------------------------------------------------------------------------
 
 
@@ -310,7 +146,7 @@ def saved_bytes(cfg, loss_cfg, batch):
     """Bytes autograd keeps for backward through one paired step of `batch` pairs (bf16 autocast, on the CPU):
     every saved tensor's storage once (a saved-tensors hook), weights excluded. With --grad_ckpt a block saves only
     its input, which the hook sees too (tests/test_fit.py checks both against the profiler's allocations)."""
-    runner = Ours(cfg, torch.device("cpu"), torch.bfloat16)
+    runner = runners.Ours(cfg, torch.device("cpu"), torch.bfloat16)
     runner.objective.cfg = loss_cfg
     weights, kept = {p.untyped_storage().data_ptr() for p in runner.model.parameters()}, {}
 
@@ -320,7 +156,7 @@ def saved_bytes(cfg, loss_cfg, batch):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runner.autocast:
-        runner.objective("pairs", make_batch(cfg, batch, torch.device("cpu")), 0)
+        runner.objective("pairs", runners.make_batch(cfg, batch, torch.device("cpu")), 0)
     return sum(kept.values())
 
 
@@ -328,7 +164,7 @@ def fit(args, cfg, device):
     """The largest micro-batch (pairs per GPU and forward) of the paired step, at the preset recipe's losses, that
     fits --gpu_gb, with and without --grad_ckpt. On a GPU: searched, doubling in a fresh process each until one
     runs out of memory. On a CPU: estimated, from the activations per pair (saved_bytes at 4 and 8 pairs; SDPA,
-    as on a GPU), 16 bytes per parameter (fp32 weights and gradients, AdamW's two moments; / --world with --fsdp),
+    as on a GPU), 16 bytes per parameter (fp32 weights and gradients, AdamW's two moments; / --world_size with --fsdp),
     2 for autocast's copies of the weights, and 10% of the memory left to the CUDA context and fragmentation."""
     recipe = train.RECIPES[args.preset]
     loss_cfg = losses.LossConfig(**{f.name: recipe[f.name] for f in fields(losses.LossConfig) if f.name in recipe})
@@ -337,7 +173,7 @@ def fit(args, cfg, device):
     print(f"\n{args.preset}: {n_params / 1e6:.0f}M parameters, {args.gpu_gb:g} GB per GPU, keep_ratio "
           f"{loss_cfg.keep_ratio:g}, masked_pass_share {loss_cfg.masked_pass_share:g}, "
           f"masked_pass {loss_cfg.masked_pass}\n")
-    print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world |\n"
+    print("| --grad_ckpt | activations MiB / pair | largest micro-batch | with --fsdp over --world_size |\n"
           + "|---" * 4 + "|")
     rows = []
     for ckpt in (False, True):
@@ -352,37 +188,16 @@ def fit(args, cfg, device):
             row = {"grad_ckpt": ckpt, "per_pair_mib": None, "largest": largest, "largest_fsdp": None}
         else:
             per_pair = (saved_bytes(c, loss_cfg, 8) - saved_bytes(c, loss_cfg, 4)) / 4
-            room = [0.9 * args.gpu_gb * 1e9 - n_params * (16 / w + 2) for w in (1, args.world)]
+            room = [0.9 * args.gpu_gb * 1e9 - n_params * (16 / w + 2) for w in (1, args.world_size)]
             row = {"grad_ckpt": ckpt, "per_pair_mib": per_pair / 2**20, "largest": int(room[0] // per_pair),
                    "largest_fsdp": int(room[1] // per_pair)}
         rows.append(row)
         print(f"| {ckpt} | {row['per_pair_mib'] or 0:.0f} | {row['largest']} | {row['largest_fsdp']} |")
     if device.type != "cuda":
         print("\nCPU estimate: measured activations, computed weights and optimizer state (see bench.fit)")
+    with open(args.json, "w") as f:
+        json.dump({"preset": args.preset, "gpu_gb": args.gpu_gb, "device": str(device), "rows": rows}, f, indent=1)
     return rows
-
-
-def precision(args):
-    """fp16 with its GradScaler beside bf16, on a GPU: the same short train.py run in each (its first
-    --precision_steps joint steps), their median time per step and their losses side by side."""
-    if not torch.cuda.is_available():
-        print("--precision compares fp16 and bf16 on a GPU (fp16 autocast needs CUDA); no GPU here: skipped")
-        return None
-    runs = {}
-    for dtype in ("fp16", "bf16"):
-        out = os.path.join(args.ablate_dir, f"precision_{dtype}")
-        subprocess.run([sys.executable, "train.py", "--preset", args.preset, "--dtype", dtype, "--out_dir", out,
-                        "--steps", str(args.precision_steps), "--image_tokenizer_steps", "50", "--log_every", "1", "--eval",
-                        "false", "--seed", str(args.seed), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(out, "log.jsonl")) as f:
-            runs[dtype] = [r for r in map(json.loads, f) if r.get("stage") == "joint"]
-    ms = {d: ms_per_step(os.path.join(args.ablate_dir, f"precision_{d}")) for d in runs}
-    print(f"\n{args.preset}: ms/step (median) fp16 {ms['fp16']:.0f}, bf16 {ms['bf16']:.0f}\n\n"
-          "| step | fp16 total | bf16 total |\n|---|---|---|")
-    for a, b in zip(runs["fp16"], runs["bf16"]):
-        if a["step"] == 1 or a["step"] % max(1, args.precision_steps // 10) == 0:
-            print(f"| {a['step']} | {a['total']:.4f} | {b['total']:.4f} |")
-    return runs
 
 
 def parse_args(argv):
@@ -400,19 +215,19 @@ def parse_args(argv):
             ("mem", "true", "measure memory, in a fresh process per case: true | false"),
             ("masked_pass_share", 1.0, "share of a paired batch's rows in the masked pass (1.0 = FLAVA; tiny: 0.5)"),
             ("micro", 0, "also time the paired step in micro-batches of this many pairs (GradCache; 0 = not)"),
-            ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world", 8, "--fit: processes that --fsdp shards over"),
+            ("gpu_gb", 80.0, "--fit: GPU memory in GB"), ("world_size", 8, "--fit: processes that --fsdp shards over"),
             ("precision_steps", 300, "--precision: steps of each short train.py run"),
             ("json", "bench.json", "where to write the results")]:
         p.add_argument(f"--{flag}", type=type(default), default=default, help=text)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ModelConfig overrides, e.g. text_len=64")
     p.add_argument("--peer", action="store_true", help="also time Hugging Face's FlavaForPreTraining (transformers)")
     p.add_argument("--compile", action="store_true", help="torch.compile our step (the peer stays eager)")
-    p.add_argument("--ablate", action="store_true", help="run the papers' ablations (trains 9 models; see ablate())")
+    p.add_argument("--ablate", action="store_true", help="run the papers' ablations (trains 9 models; see ablations.py)")
     p.add_argument("--ablate_dir", default="runs/ablate", help="where the ablation runs go")
     p.add_argument("--ablate_steps", type=int, default=0, help="joint steps of each ablation run (0: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="the ablation runs' seed")
     p.add_argument("--fit", action="store_true", help="the largest micro-batch that fits --gpu_gb (see fit())")
-    p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see precision())")
+    p.add_argument("--precision", action="store_true", help="GPU: fp16 beside bf16 (see ablations.precision)")
     try:  # a renamed flag's old name works for one release, as in train.py
         return p.parse_args(cli.new_flag_names(sys.argv[1:] if argv is None else argv, "bench.py"))
     except ValueError as e:
@@ -423,9 +238,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.ablate:
-        return ablate(args)
+        return ablations.ablate(args)
     if args.precision:
-        return precision(args)
+        return ablations.precision(args)
     try:
         device = distributed.pick_device(args.device)
     except ValueError as e:
@@ -443,10 +258,10 @@ def main(argv=None):
     mem = {j: probe_fresh({**spec, "side": j[0], "case": j[1], "keep": j[2], "batch": B})
            for j in tqdm(jobs, desc="memory")} if args.mem == "true" else {}
     dtype = distributed.resolve_dtype(args.dtype, device)
-    runners = {"ours": Ours(cfg, device, dtype, args.compile, args.masked_pass_share, args.micro)}
+    sides = {"ours": runners.Ours(cfg, device, dtype, args.compile, args.masked_pass_share, args.micro)}
     if any(side == "peer" for side, _, _ in jobs):
-        runners["peer"] = Peer(cfg, device, dtype)
-    wall = time_interleaved(runners, jobs, make_batch(cfg, B, device), args.warmup, args.steps, device)
+        sides["peer"] = Peer(cfg, device, dtype)
+    wall = time_interleaved(sides, jobs, runners.make_batch(cfg, B, device), args.warmup, args.steps, device)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
@@ -456,10 +271,10 @@ def main(argv=None):
     print(f"\n{args.preset} preset{' ' + str(sets) if sets else ''}, batch {B}, {str(dtype)[6:]}"
           f"{', compiled' if args.compile else ''} on {gpu or cpu + ' (' + str(args.threads) + ' threads)'}, "
           f"torch {torch.__version__}: median of {args.steps} interleaved steps after {args.warmup} warm-up")
-    rows = timing_table(cfg, runners, wall, mem, B, args.masked_pass_share, peak)
+    rows = timing_table(cfg, sides, wall, mem, B, args.masked_pass_share, peak)
     checks = goal_checks(wall, mem, rows, args.micro)
-    if "peer" in runners:
-        n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in runners.items()}
+    if "peer" in sides:
+        n = {k: sum(q.numel() for q in r.model.parameters()) / 1e6 for k, r in sides.items()}
         print(f"\nparameters: nanoFLAVA {n['ours']:.1f}M, HF FlavaForPreTraining {n['peer']:.1f}M (codebook not built)")
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "machine": info, "model": asdict(cfg), "dtype": str(dtype), "batch": B,
@@ -497,44 +312,44 @@ def largest_batch(spec, device):
     return B
 
 
-def time_interleaved(runners, jobs, batch, warmup, steps, device):
+def time_interleaved(sides, jobs, batch, warmup, steps, device):
     """Wall time of each job's step, the jobs in a new random order every round (so that drift in the machine's
     speed falls on all of them alike) -> {job: [seconds after warm-up]}. A job out of memory is reported, not timed."""
     order, rng, wall = list(jobs), random.Random(0), {j: [] for j in jobs}
     for r in tqdm(range(warmup + steps), desc="rounds"):
         rng.shuffle(order)
         for job in list(order):
-            sync(device)
+            runners.sync(device)
             t0 = time.perf_counter()
             try:
-                runners[job[0]].step(job[1], job[2], batch, seed=r)
+                sides[job[0]].step(job[1], job[2], batch, seed=r)
             except torch.cuda.OutOfMemoryError:  # e.g. the peer at our largest batch
                 order.remove(job)
                 del wall[job]
-                runners[job[0]].opt.zero_grad(set_to_none=True)
+                sides[job[0]].opt.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                print(f"\n{runners[job[0]].name} {job[1]} keep {job[2]:g}: out of memory at batch {len(batch['ids'])}")
+                print(f"\n{sides[job[0]].name} {job[1]} keep {job[2]:g}: out of memory at batch {len(batch['ids'])}")
                 continue
-            sync(device)
+            runners.sync(device)
             if r >= warmup:
                 wall[job].append(time.perf_counter() - t0)
     return wall
 
 
-def timing_table(cfg, runners, wall, mem, B, masked_pass_share, peak):
+def timing_table(cfg, sides, wall, mem, B, masked_pass_share, peak):
     """Print one row per job (median and range of ms/step, throughput, memory, TFLOP/s, MFU) -> the rows."""
     print("\n| model | step | keep | ms/step median [min-max] | samples/s | peak MiB (step rise) | TFLOP/s | MFU |\n"
           + "|---" * 8 + "|")
     rows = []
     for (side, case, keep), t in wall.items():
         med, m = statistics.median(t), mem.get((side, case, keep), {})
-        tflops = case_flops(cfg, case, keep, masked_pass_share) * B / med / 1e12
-        rows.append({"model": runners[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
+        tflops = runners.case_flops(cfg, case, keep, masked_pass_share) * B / med / 1e12
+        rows.append({"model": sides[side].name, "case": case, "keep": keep, "batch": B, "ms": [1e3 * x for x in t],
                      "ms_median": 1e3 * med, "samples_per_s": B / med, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "oom": m.get("oom", False),
                      "peak_mib": m.get("peak", 0) / 2**20, "rise_mib": m.get("rise", 0) / 2**20})
         mem_txt = "OOM" if m.get("oom") else f"{m['peak'] / 2**20:.0f} ({m['rise'] / 2**20:.0f})" if m else "-"
-        print(f"| {runners[side].name} | {case} | {keep:g} | {1e3 * med:.0f} [{1e3 * min(t):.0f}-{1e3 * max(t):.0f}] | "
+        print(f"| {sides[side].name} | {case} | {keep:g} | {1e3 * med:.0f} [{1e3 * min(t):.0f}-{1e3 * max(t):.0f}] | "
               f"{B / med:.1f} | {mem_txt} | {tflops:.3f} | {'-' if peak is None else f'{100 * tflops / peak:.1f}%'} |")
     return rows
 

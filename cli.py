@@ -20,9 +20,9 @@ from model import ModelConfig
 
 # Flags renamed, old name -> new: the old one still works for one release, with a message naming the new one.
 # masked_fraction was a share of a batch's rows, beside mask_ratio and keep_ratio that are shares of patches; the
-# image tokenizer was called a dVAE, which a k-means quantiser is not.
+# image tokenizer was called a dVAE, which a k-means quantiser is not; bench.py's --world was the world size.
 RENAMED = {"masked_fraction": "masked_pass_share", "dvae_ckpt": "image_tokenizer_ckpt",
-           "dvae_steps": "image_tokenizer_steps"}
+           "dvae_steps": "image_tokenizer_steps", "world": "world_size"}  # bench.py --world: "world" is the shapes world
 
 
 def field_help(cls) -> dict:
@@ -116,3 +116,9 @@ def check_train_flags(train, overrides):
         raise ValueError("--resume continues the run in --out_dir and --overwrite replaces it: give one of them")
     if train.min_loss_scale < 0:
         raise ValueError(f"--min_loss_scale={train.min_loss_scale} must be >= 0")
+
+
+def fail(prog, error):
+    """Bad input at the start: one line naming the path and what was expected, exit status 2 (as argparse's)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

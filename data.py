@@ -21,7 +21,6 @@ import functools
 import math
 import random
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +53,15 @@ class Tokenizer:
         self._cache = {}  # raw word -> piece ids: text repeats its words, so tokenising is mostly lookups
 
     @classmethod
-    def from_corpus(cls, texts, vocab_size=4096):
+    def from_corpus(cls, texts, vocab_size=4096):  # a vocabulary built here (no BERT vocab.txt given)
         """Every character seen (word-initial and '##'), then frequent words, then frequent '##' suffixes.
         Characters are all kept, even past vocab_size, so text of seen characters never has an [UNK]."""
         counts = collections.Counter(w for text in texts for w in bert_words.words(text))
         chars = sorted({c for w in counts for c in w})
-        vocab = [*SPECIALS, *chars, *("##" + c for c in chars)]
+        vocab = [*SPECIALS, *chars, *("##" + c for c in chars)]  # specials first: ids 0-4 in every vocabulary
         room = max(0, vocab_size - len(vocab))
         ranked = lambda counter: sorted(counter, key=lambda k: (-counter[k], k))  # noqa: E731 (deterministic)
-        words = [w for w in ranked(counts) if len(w) > 1]
+        words = [w for w in ranked(counts) if len(w) > 1]  # (one-character words are already characters)
         kept = words[: room - room // 4]  # a quarter of the room for suffixes of the words left out
         suffixes = collections.Counter()
         for w in words[len(kept):]:
@@ -73,7 +72,7 @@ class Tokenizer:
         return cls(vocab + kept + pieces)
 
     @classmethod
-    def from_vocab_file(cls, path):
+    def from_vocab_file(cls, path):  # BERT's (and FLAVA's) vocab.txt: one word piece a line, the id is the line
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
@@ -89,7 +88,7 @@ class Tokenizer:
     def __len__(self):
         return len(self.vocab)
 
-    def _word_ids(self, raw):
+    def _word_ids(self, raw):  # one word -> its word pieces' ids (WordPiece, arXiv 1609.08144 §4.1)
         ids = self._cache.get(raw)
         if ids is None:
             word, ids, start = raw, [], 0
@@ -123,7 +122,7 @@ class Tokenizer:
         ids = torch.tensor([row + [self.pad_id] * (length - len(row)) for row in rows]).reshape(-1, length)  # (B, L)
         return ids, ids != self.pad_id  # (B, L): lower-cased text can never spell "[PAD]", so this is exact
 
-    def decode(self, ids):
+    def decode(self, ids):  # for figures and tests: ids -> text without specials
         tokens = [self.vocab[i] for i in (ids.tolist() if torch.is_tensor(ids) else ids) if i not in self.special_ids]
         return " ".join(tokens).replace(" ##", "")  # a '##' piece continues the word before it
 
@@ -145,7 +144,7 @@ def to_rgb(img):
     return img.convert("RGB")  # L, P, CMYK, 1, YCbCr, ... (a copy when already RGB)
 
 
-def _crop_box(w, h, train, rng):
+def _crop_box(w, h, train, rng):  # -> (left, top, right, bottom) in pixels
     """torchvision's RandomResizedCrop with FLAVA's scale (0.9, 1) and ratio (3/4, 4/3) when training
     (10 tries, then the largest central crop in the ratio range); the central square for evaluation."""
     for _ in range(10 if train else 0):
@@ -164,19 +163,9 @@ def image_transform(img, size, train, rng=None, squash=False):
     evaluation): the whole image, aspect lost, as Hugging Face's FlavaImageProcessor prepares FLAVA's input."""
     img = to_rgb(img)
     box = (0, 0, *img.size) if squash and not train else _crop_box(*img.size, train, rng or random)
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)  # crop and resize in one resampling
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, size, size)
 
-
-def read_image(path, size, train, rng=None, squash=False):
-    """Open, decode fully (so a truncated file fails here, inside the caller's try) and transform."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error, not a warning
-        with Image.open(path) as img:
-            if not squash:  # (squash copies Hugging Face's pixels, so decodes at full scale as it does)
-                img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
-            img.load()
-            return image_transform(img, size, train, rng, squash)
 
 # ---------------------------------------------------------------------------------------------
 # The three kinds of source, synthetic (files: manifests.py; tar shards: shards.py)
@@ -186,20 +175,21 @@ def read_image(path, size, train, rng=None, squash=False):
 class SyntheticPairs:
     """Captioned scenes of shapes.ShapesWorld: the paired source (FLAVA's PMD). Effectively infinite."""
 
-    offset, keys = 0, ("image", "ids", "attn")  # each source reads its own scenes, from its own offset
+    # each source reads its own scenes, from its own offset: an image-only step never shows a paired step's scene
+    offset, keys = 0, ("image", "ids", "attn")
 
     def __init__(self, world, split, tokenizer=None, text_len=None):
         self.world, self.split, self.tokenizer, self.text_len = world, split, tokenizer, text_len
 
     def __len__(self):
-        return 2**31 - 1
+        return 2**31 - 1  # effectively infinite: the sampler's epochs never repeat a scene in a short run
 
     def load(self, i):
         scene, out = self.world.scene(self.split, self.offset + i), {}
         if "image" in self.keys:
             out["image"] = torch.from_numpy(self.world.render(scene)).permute(2, 0, 1)  # (3, H, W), contiguous
         if "ids" in self.keys:
-            rng = random.Random(f"{self.world.seed}/{self.split}/{self.offset + i}/caption")
+            rng = random.Random(f"{self.world.seed}/{self.split}/{self.offset + i}/caption")  # a scene's caption is fixed
             ids, attn = self.tokenizer.encode(self.world.caption(scene, rng), self.text_len)
             out.update(ids=ids[0], attn=attn[0])  # (L,), (L,)
         return out
@@ -225,7 +215,8 @@ class SyntheticTexts(SyntheticPairs):
 
 class Mixture(torch.utils.data.Dataset):
     """Named datasets behind one index: mixture[(source, index)] -> that sample, plus "source". A key
-    (source, index, seed) also seeds the sample's random crop, so that it is the same in any process."""
+    (source, index, seed) also seeds the sample's random crop, so that it is the same in any process.
+    One DataLoader over a Mixture serves every map-style source: its workers need not know which is asked."""
 
     def __init__(self, sources):
         self.sources = dict(sources)
@@ -235,37 +226,6 @@ class Mixture(torch.utils.data.Dataset):
         if seed and getattr(self.sources[source], "crops", False):  # the file datasets crop at random
             return {**self.sources[source].load(index, random.Random(seed[0])), "source": source}
         return {**self.sources[source][index], "source": source}
-
-
-@functools.lru_cache(maxsize=64)
-def _round_keys(key):
-    return np.array([random.Random(f"{key}/{r}").getrandbits(64) for r in range(6)], dtype=np.uint64)
-
-
-def _mix(z):  # splitmix64's finaliser: every output bit depends on every input bit
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def permute(x, n, key):
-    """A bijection of [0, n) chosen by the string key, applied to the positions x (ints): six rounds of a
-    balanced Feistel network on the smallest even number of bits that covers n, cycle-walked back into
-    [0, n) (Black & Rogaway 2002, "Ciphers with arbitrary finite domains"; the domain is < 4n, so < 4
-    rounds of walking on average). O(1) memory for any n, where a shuffled list of 2^31 positions is 16 GB."""
-    half = max(1, ((int(n) - 1).bit_length() + 1) // 2)
-    mask, shift, keys = np.uint64((1 << half) - 1), np.uint64(half), _round_keys(key)
-
-    def feistel(v):  # (left, right) -> (right, left ^ F(right)): invertible whatever F is
-        left, right = v >> shift, v & mask
-        for k in keys:
-            left, right = right, left ^ (_mix(right ^ k) & mask)
-        return (left << shift) | right
-
-    y = feistel(np.asarray(x, dtype=np.uint64))
-    while (out := y >= n).any():  # walk the cycle until it re-enters [0, n): still a bijection of [0, n)
-        y[out] = feistel(y[out])
-    return y.astype(np.int64)
 
 
 class MixtureBatchSampler:
@@ -293,6 +253,9 @@ class MixtureBatchSampler:
         self.drawn = collections.Counter(self.source_at(t) for t in range(start_step))  # k of each source
 
     def source_at(self, step):
+        # FLAVA §3.4: the step's one source, from the seed and the step alone. Every rank computes the same
+        # choice without talking to the others; ranks that drew different sources would call different
+        # collectives, and the run would hang.
         u = random.Random(f"{self.seed}/{step}").random()
         return self.names[min(bisect.bisect_right(self.cdf, u), len(self.names) - 1)]
 
@@ -312,6 +275,7 @@ class MixtureBatchSampler:
             step += 1
             if self.sizes[source] is None:  # a streamed source: its own loader serves this step (Batches)
                 continue
+            # this rank's slice of the global batch: whatever the world size, the same global batch is read
             base = drawn[source] * self.global_batch + self.rank * self.local_batch
             drawn[source] += 1
             positions = range(base, base + self.local_batch)
@@ -322,16 +286,48 @@ class MixtureBatchSampler:
                 yield [(source, i) for i in indices]
 
 
+# The shuffle of every source: a keyed permutation computed, not stored, so a 2^31-row source costs no memory.
+@functools.lru_cache(maxsize=64)
+def _round_keys(key):  # six 64-bit round keys from the string key (cached: one key per source and epoch)
+    return np.array([random.Random(f"{key}/{r}").getrandbits(64) for r in range(6)], dtype=np.uint64)
+
+
+def _mix(z):  # splitmix64's finaliser: every output bit depends on every input bit
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(x, n, key):
+    """A bijection of [0, n) chosen by the string key, applied to the positions x (ints): six rounds of a
+    balanced Feistel network on the smallest even number of bits that covers n, cycle-walked back into
+    [0, n) (Black & Rogaway 2002, "Ciphers with arbitrary finite domains"; the domain is < 4n, so < 4
+    rounds of walking on average). O(1) memory for any n, where a shuffled list of 2^31 positions is 16 GB."""
+    half = max(1, ((int(n) - 1).bit_length() + 1) // 2)  # bits per half: 2 * half bits cover n
+    mask, shift, keys = np.uint64((1 << half) - 1), np.uint64(half), _round_keys(key)
+
+    def feistel(v):  # (left, right) -> (right, left ^ F(right)): invertible whatever F is
+        left, right = v >> shift, v & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << shift) | right
+
+    y = feistel(np.asarray(x, dtype=np.uint64))  # vectorised: a batch of positions at once
+    while (out := y >= n).any():  # walk the cycle until it re-enters [0, n): still a bijection of [0, n)
+        y[out] = feistel(y[out])
+    return y.astype(np.int64)
+
+
 def collate(samples):
     """Samples of one source -> (source, batch): image uint8 (B, 3, H, W), ids (B, L), attn (B, L) bool,
     label (B,) where present, and skipped: every (path, reason) skipped on the way."""
-    first = samples[0]
+    first = samples[0]  # every sample of a batch comes from one source (the sampler's), so one schema
     assert all(s.get("source") == first.get("source") for s in samples), "one source per batch"
     source = first.get("source") or ("texts" if "image" not in first else "pairs" if "ids" in first else "images")
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("image", "ids", "attn") if k in first}
     if "label" in first:
         batch["label"] = torch.tensor([s["label"] for s in samples])  # (B,)
-    batch["skipped"] = [x for s in samples for x in s.get("skipped", ())]
+    batch["skipped"] = [x for s in samples for x in s.get("skipped", ())]  # counted by the trainer (runlog.Log)
     return source, batch
 
 
@@ -342,19 +338,8 @@ def make_loader(mixture, batch_sampler, num_workers=0, pin_memory=False):
                                        persistent_workers=num_workers > 0)
 
 
-def main(argv):
-    """python data.py: a look at the world (64 scenes, the captions of the first 8); python data.py shards
-    MANIFEST OUT_DIR --per_shard N: tar shards from a manifest (shards.py)."""
-    import shards
+if __name__ == "__main__":  # entry points kept from before the companions: the world's preview, and tar shards
     import shapes
+    import shards
 
-    if argv[:1] == ["shards"]:
-        return shards.main(argv[1:])
-    world = shapes.ShapesWorld()
-    rows = [np.concatenate([world.render(world.scene("train", 8 * r + c)) for c in range(8)], 1) for r in range(8)]
-    Image.fromarray(np.concatenate(rows)).save("shapes_world.png")
-    print(*(world.caption(world.scene("train", i), random.Random(i)) for i in range(8)), sep="\n")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    shards.main(sys.argv[2:]) if sys.argv[1:2] == ["shards"] else shapes.main()  # python data.py [shards ...]

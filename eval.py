@@ -22,7 +22,6 @@ tasks they feed. Shapes follow model.py's legend; n is the size of an evaluation
 The file runs: frozen features -> the metrics of each task -> the synthetic world's held-out sets -> the suite
 (quick_eval, evaluate) -> the command line. Held-out files are read by heldout.py, figures drawn by figures.py.
 """
-import argparse
 import json
 import math
 import os
@@ -455,30 +454,8 @@ def format_table(results) -> str:
     return "\n".join(["| metric | value |", "| --- | --- |", *rows])
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="", help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
-    parser.add_argument("--hf", default="", help="instead of --ckpt: a Hugging Face FLAVA folder (facebook/flava-full)")
-    parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
-    parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
-    parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
-    parser.add_argument("--class_names", default="", help="--classes' sub-folder names (e.g. WordNet ids): TSV or JSON")
-    parser.add_argument("--prompts", default="", help="zero-shot templates, one a line with {} (CLIP has 80 for ImageNet)")
-    parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
-    parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
-    parser.add_argument("--n_pairs", type=int, default=1000, help="retrieval and ITM pairs")
-    parser.add_argument("--per_class", type=int, default=20, help="zero-shot images per synthetic class")
-    parser.add_argument("--n_probe", type=int, default=2000, help="samples per probe, VQA scenes, most files read")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
-    args = parser.parse_args(argv)
-    if bool(args.ckpt) == bool(args.hf):
-        parser.error("give one of --ckpt and --hf")
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = heldout.parse_args(argv, __doc__)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     try:
         t0, device = time.time(), distributed.pick_device(args.device)

@@ -1,4 +1,4 @@
-"""Held-out data for eval.py from files: a retrieval set by COCO's protocol, an image folder's classes and their
+"""The command line of eval.py and its held-out data from files: a retrieval set by COCO's protocol, an image folder's classes and their
 names, labelled texts, zero-shot templates; and every input of `python eval.py` opened (or refused in one line)
 before any compute.
 
@@ -6,6 +6,7 @@ Companion of eval.py. A file that cannot be read is dropped from an evaluation s
 one as in training (a retrieval set must not repeat a pair). Exercise it with
 `python -m pytest tests/test_eval.py tests/test_retrieval_protocol.py`.
 """
+import argparse
 import json
 import random
 import sys
@@ -99,6 +100,29 @@ def held_out_files(args, tokenizer, cfg, squash):
         if not prompts:
             raise ValueError(f"{args.prompts}: no template with {{}} for the class name")
     return pairs, classes, prompts
+
+
+def parse_args(argv, doc):
+    """The flags of eval.py (its docstring is the --help)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="", help="a nanoFLAVA checkpoint (train.py's ckpt.pt)")
+    parser.add_argument("--hf", default="", help="instead of --ckpt: a Hugging Face FLAVA folder (facebook/flava-full)")
+    parser.add_argument("--out_dir", default="", help="for eval.json and figures (default: the checkpoint's folder)")
+    parser.add_argument("--pairs", default="", help="JSONL/CSV manifest of held-out image-caption pairs (retrieval, ITM)")
+    parser.add_argument("--classes", default="", help="image folder, class = sub-folder: zero-shot and a linear probe")
+    parser.add_argument("--class_names", default="", help="--classes' sub-folder names (e.g. WordNet ids): TSV or JSON")
+    parser.add_argument("--prompts", default="", help="zero-shot templates, one a line with {} (CLIP has 80 for ImageNet)")
+    parser.add_argument("--texts", default="", help="text file of 'label<TAB>text' lines: a language linear probe")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
+    parser.add_argument("--skip_figures", action="store_true", help="numbers only, no PNGs")
+    parser.add_argument("--n_pairs", type=int, default=1000, help="retrieval and ITM pairs")
+    parser.add_argument("--per_class", type=int, default=20, help="zero-shot images per synthetic class")
+    parser.add_argument("--n_probe", type=int, default=2000, help="samples per probe, VQA scenes, most files read")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's; 1 on a busy machine)")
+    args = parser.parse_args(argv)
+    if bool(args.ckpt) == bool(args.hf):
+        parser.error("give one of --ckpt and --hf")
+    return args
 
 
 def open_inputs(args, device):

@@ -13,13 +13,26 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 import data
 
 MAX_SKIPS = 50  # consecutive unreadable files before a dataset gives up
+
+
+def read_image(path, size, train, rng=None, squash=False):
+    """Open, decode fully (so a truncated file fails here, inside the caller's try) and transform."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error, not a warning
+        with Image.open(path) as img:
+            if not squash:  # (squash copies Hugging Face's pixels, so decodes at full scale as it does)
+                img.draft(None, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale while still >= size
+            img.load()
+            return data.image_transform(img, size, train, rng, squash)
 
 
 class _SkipBadFiles:
@@ -162,7 +175,7 @@ class FilePairs(_SkipBadFiles):
     def _read(self, i, rng=None):
         file, caption = self.pair(i)
         ids, attn = self.tokenizer.encode(caption, self.text_len)
-        image = data.read_image(file, self.image_size, self.train, rng, self.squash)
+        image = read_image(file, self.image_size, self.train, rng, self.squash)
         return {"image": image, "ids": ids[0], "attn": attn[0]}
 
 
@@ -188,7 +201,7 @@ class ImageFolder(_SkipBadFiles):
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders")
 
     def _read(self, i, rng=None):
-        return {"image": data.read_image(self.files[i], self.image_size, self.train, rng, self.squash),
+        return {"image": read_image(self.files[i], self.image_size, self.train, rng, self.squash),
                 "label": self.labels[i]}
 
 

@@ -26,9 +26,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.distributed as dist_
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import distributed
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -504,8 +506,8 @@ class KMeansTokenizer(nn.Module):
             c = self.codebook.float()
             c2 = c.pow(2).sum(1)  # (C,)
             out = [((part.pow(2).sum(1, keepdim=True) - 2 * part @ c.T) + c2).min(1) for part in x.split(chunk)]
-        dist, index = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
-        return index, dist.clamp(min=0)  # (n,), (n,)
+        squared, index = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+        return index, squared.clamp(min=0)  # (n,), (n,)
 
     @torch.no_grad()
     def codebook_indices(self, images01):
@@ -526,7 +528,7 @@ class KMeansTokenizer(nn.Module):
         """One step of mini-batch k-means on a batch's patches, the same on every rank (counts and
         sums are summed over ranks). The first call seeds the codebook with random patches."""
         x = self.patches(images01).flatten(0, 1)  # (n, 3 p p), n = B P
-        world_size = dist_.get_world_size() if _distributed() else 1
+        world_size = distributed.rank_and_world()[1]
         C = self.codebook.size(0)
         per_code = world_size * x.size(0) / C  # patches a code would get if all were used evenly
         if not self.usage.any():  # the first step: C random patches of the batch
@@ -536,8 +538,8 @@ class KMeansTokenizer(nn.Module):
         counts = torch.bincount(index, minlength=C).float()  # (C,)
         sums = torch.zeros_like(self.codebook).index_add_(0, index, x)  # (C, 3 p p)
         if world_size > 1:
-            dist_.all_reduce(counts)
-            dist_.all_reduce(sums)
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
         # EMAs of each code's patch count N (`usage`) and patch sum M (VQ-VAE App. A.1); a code is M / N.
         total = decay * self.codebook * self.usage[:, None] + (1 - decay) * sums  # (C, 3 p p)
         self.usage.mul_(decay).add_(counts, alpha=1 - decay)
@@ -558,13 +560,10 @@ class KMeansTokenizer(nn.Module):
         pick = torch.multinomial(weight.float() + 1e-12, k, replacement=k > x.size(0), generator=generator)  # (k,)
         self.codebook[which] = x[pick]
         self.usage[which] = per_code
-        if _distributed():
-            dist_.broadcast(self.codebook, 0)
-            dist_.broadcast(self.usage, 0)
+        if distributed.is_distributed():
+            dist.broadcast(self.codebook, 0)
+            dist.broadcast(self.usage, 0)
 
-
-def _distributed() -> bool:
-    return dist_.is_available() and dist_.is_initialized() and dist_.get_world_size() > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +584,7 @@ PRESETS = {
 }
 
 
-if __name__ == "__main__":  # python model.py convert HF_FOLDER out/ckpt.pt: the published FLAVA (see pretrained.py)
+if __name__ == "__main__":  # python model.py convert|export ...: the published FLAVA in and out (pretrained.py)
     import pretrained
 
     pretrained.main()

@@ -1,19 +1,23 @@
-"""FLAVA's published weights: Hugging Face's FLAVA (facebook/flava-full) read into nanoFLAVA, and DALL-E's encoder,
-FLAVA's published image tokenizer (dalle.py holds its architecture).
+"""FLAVA's published weights: Hugging Face's FLAVA (facebook/flava-full) read into nanoFLAVA, DALL-E's encoder,
+FLAVA's published image tokenizer (dalle.py holds its architecture), and nanoFLAVA's own checkpoints written out
+as Hugging Face FLAVA folders for FLAVA's downstream users (export).
 
-Companion of model.py (used by train.py --init_from, eval.py --hf and the command below). Hugging Face stores
+Companion of model.py (used by train.py --init_from, eval.py --hf and the commands below). Hugging Face stores
 q, k and v apart, adds BERT's token-type row to every text token and keeps tanh poolers that no pretraining
 output reads; hf_names is the explicit map from every nanoFLAVA tensor to the Hugging Face tensor(s) it is made
-of, and from_pretrained applies it. Files are read by weightfiles.py (torch alone, no safetensors package).
+of: from_pretrained applies it, export reads it backwards (hf_state). Files are read and written by
+weightfiles.py (torch alone, no safetensors package).
 
     python pretrained.py convert flava-full out/flava/ckpt.pt [--codebook flava-image-codebook]
-    python -m pytest tests/test_pretrained.py
+    python pretrained.py export out/small/ckpt.pt out/small/hf   # FlavaForPreTraining.from_pretrained loads it
+    python -m pytest tests/test_pretrained.py tests/test_export.py
 """
 import argparse
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,32 +25,49 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import data
+import losses
 from dalle import DalleEncoder
-from model import FLAVA, LOGIT_SCALE_MAX, ModelConfig
-from weightfiles import load_state, read_weights
+from masking import default_min_block
+from model import CLIP_MEAN, CLIP_STD, FLAVA, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, ModelConfig
+from weightfiles import load_state, read_weights, write_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face's FLAVA in nanoFLAVA's names
 # ---------------------------------------------------------------------------------------------
 
 
-def codebook_state(path) -> dict:
-    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names, with flava-full's image_codebook.
-    prefix or without (facebook/flava-image-codebook); {} if there are none. For example
-    blocks.group_2.group.block_1.res_path.path.conv_3.weight -> groups.1.0.res_path.5.weight."""
+def codebook_hf_names(cfg: ModelConfig) -> dict:
+    """DalleEncoder tensor name -> Hugging Face's FlavaImageCodebook name (flava-full adds image_codebook.), one
+    map read both ways (codebook_state imports, export writes). For example groups.1.0.res_path.5.weight ->
+    blocks.group_2.group.block_1.res_path.path.conv_3.weight: groups and blocks count from 1 there, and only the
+    convolutions of the residual path are numbered (ours count its ReLUs too)."""
+    with torch.device("meta"):  # the names and nothing else: no memory for `base`'s 256-wide encoder
+        names = list(DalleEncoder(cfg).state_dict())
+    out = {}
+    for name in names:
+        hf = re.sub(r"^(input|output)\.", lambda m: f"blocks.{m[1]}{'.conv' if m[1] == 'output' else ''}.", name)
+        hf = re.sub(r"^groups\.(\d)\.(\d+)\.",
+                    lambda m: f"blocks.group_{int(m[1]) + 1}.group.block_{int(m[2]) + 1}.", hf)
+        out[name] = re.sub(r"res_path\.(\d)", lambda m: f"res_path.path.conv_{(int(m[1]) + 1) // 2}", hf)
+    return out
+
+
+def codebook_state(path, cfg: ModelConfig) -> dict:
+    """DalleEncoder's tensors from Hugging Face's FlavaImageCodebook names (codebook_hf_names), with flava-full's
+    image_codebook. prefix or without (facebook/flava-image-codebook); {} if there are none. A name the map does
+    not know (another block count?) stays as it is, so that load_state names it."""
+    ours = {hf: name for name, hf in codebook_hf_names(cfg).items()}
     out = {}
     for name, tensor in read_weights(path, keep=lambda k: k.startswith(("image_codebook.", "blocks."))).items():
         if tensor is not None:
-            name = re.sub(r"^(image_codebook\.)?blocks\.(input|output)(\.conv)?\.", r"\2.", name)
-            name = re.sub(r"^(image_codebook\.)?blocks\.group_(\d)\.group\.block_(\d+)\.",
-                          lambda m: f"groups.{int(m[2]) - 1}.{int(m[3]) - 1}.", name)
-            out[re.sub(r"res_path\.path\.conv_(\d)", lambda m: f"res_path.{2 * int(m[1]) - 1}", name)] = tensor.float()
+            out[ours.get(name.removeprefix("image_codebook."), name)] = tensor.float()
     return out
 
 
 def load_codebook(path, cfg: ModelConfig) -> DalleEncoder:
     """DALL-E's encoder from flava-full's image_codebook.* tensors, or from facebook/flava-image-codebook's own files."""
-    state = codebook_state(path)
+    state = codebook_state(path, cfg)
     if not state:
         raise ValueError(f"{path}: no image codebook tensors (image_codebook.* or blocks.*)")
     encoder = DalleEncoder(cfg)
@@ -63,9 +84,16 @@ HF_DEFAULTS = {"image_config": dict(_TOWER, num_hidden_layers=12, image_size=224
                "image_codebook_config": dict(hidden_size=256, num_blocks_per_group=2, vocab_size=8192)}
 
 
+# What a Hugging Face FlavaConfig cannot say, kept in config.json's "nanoflava" by export. text_len too: flava-full's
+# 512 positions import as FLAVA's 77-token captions, an exported model's positions as all of its own.
+NANOFLAVA_ONLY = ("text_len", "image_tokenizer", "attn", "grad_ckpt", "init_std")
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """ModelConfig from a Hugging Face FlavaConfig (config.json). nanoFLAVA's encoders share one width, head
-    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field."""
+    count, MLP ratio and LayerNorm epsilon: a config whose encoders differ is refused, naming the field. A folder
+    that export wrote also holds, under "nanoflava", the fields Hugging Face has no place for (NANOFLAVA_ONLY)."""
+    overrides = {**{k: v for k, v in (hf.get("nanoflava") or {}).items() if k in NANOFLAVA_ONLY}, **overrides}
     sub = {k: {**d, **(hf.get(k) or {}), **(hf.get(k + "_dict") or {})} for k, d in HF_DEFAULTS.items()}  # _dict: 4.x
     img, txt, mm, cb = sub.values()
     size, patch = (img[k][0] if isinstance(img[k], list) and len(set(img[k])) == 1 else img[k]
@@ -125,10 +153,10 @@ def hf_names(cfg: ModelConfig) -> dict:
 def from_pretrained(path, **overrides) -> FLAVA:
     """Hugging Face's FLAVA (a folder like facebook/flava-full: config.json and pytorch_model.bin or
     model.safetensors) as a nanoFLAVA model; overrides are ModelConfig fields (image_size, text_len, ...). As
-    nanoGPT's GPT.from_pretrained, with an explicit name map (hf_names). q, k and v fuse into qkv; BERT's token-type row 0 (which it adds to every token)
-    folds into the text positions, cut from 512 to text_len; the encoders' tanh poolers (no pretraining output
-    reads them), position_ids and the codebook (DalleEncoder.from_pretrained) are dropped; any other name is
-    an error. Image positions are resized for another image_size."""
+    nanoGPT's GPT.from_pretrained, with an explicit name map (hf_names). q, k and v fuse into qkv; BERT's
+    token-type row 0 (which it adds to every token) folds into the text positions, cut from 512 to text_len; the
+    encoders' tanh poolers (no pretraining output reads them), position_ids and the codebook (load_codebook) are
+    dropped; any other name is an error. Image positions are resized for another image_size."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face FLAVA folder such as facebook/flava-full)")
@@ -183,7 +211,7 @@ def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
     if not (folder / "vocab.txt").is_file():
         raise FileNotFoundError(f"{folder}: no vocab.txt (FLAVA's BERT uncased word pieces)")
     vocab = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")  # as data.Tokenizer.from_vocab_file
-    codebook_tensors = codebook_state(codebook or path) or None
+    codebook_tensors = codebook_state(codebook or path, model.cfg) or None
     if codebook_tensors is None:
         print(f"{codebook or folder}: no image codebook: MIM targets need one (facebook/flava-image-codebook)")
     else:
@@ -197,15 +225,138 @@ def pretrained_checkpoint(path, codebook="", **overrides) -> dict:
             else "squash"}
 
 
+# ---------------------------------------------------------------------------------------------
+# nanoFLAVA as a Hugging Face FLAVA folder (export): the maps above, read backwards
+# ---------------------------------------------------------------------------------------------
+
+NOT_IN_HF = {  # ModelConfig field: (the value Hugging Face's FLAVA cannot be, what it is there)
+    "stem": ("conv", "Hugging Face's FLAVA embeds a patch by one linear projection (stem='linear')"),
+    "image_pool": ("mean", "Hugging Face's FLAVA reads [CLS_I] for the contrastive feature (image_pool='cls')")}
+
+
+def config_to_hf(cfg: ModelConfig, codebook: bool, pad_id: int = 0) -> dict:
+    """config.json for cfg: the FlavaConfig that config_from_hf reads back to cfg (NANOFLAVA_ONLY in "nanoflava").
+    What Hugging Face's FLAVA cannot be (NOT_IN_HF) is refused in one line. codebook: whether image_codebook.*
+    tensors come along; without them init_codebook is off, so that transformers makes no random DALL-E encoder."""
+    for field, (value, there) in NOT_IN_HF.items():
+        if getattr(cfg, field) == value:
+            raise ValueError(f"{field}={value!r} does not export: {there}")
+    tower = dict(hidden_size=cfg.width, num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_ratio * cfg.width,
+                 layer_norm_eps=cfg.ln_eps, hidden_act="gelu", qkv_bias=True, initializer_range=cfg.init_std,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # FLAVA trains without dropout
+    return {"architectures": ["FlavaForPreTraining"], "model_type": "flava",
+            "image_config": dict(tower, num_hidden_layers=cfg.image_layers, image_size=cfg.image_size,
+                                 patch_size=cfg.patch_size, vocab_size=cfg.codebook_size, mask_token=True),
+            "text_config": dict(tower, num_hidden_layers=cfg.text_layers, vocab_size=cfg.vocab_size,
+                                max_position_embeddings=cfg.text_len, type_vocab_size=2, pad_token_id=pad_id),
+            "multimodal_config": dict(tower, num_hidden_layers=cfg.mm_layers, use_cls_token=True),
+            "image_codebook_config": dict(hidden_size=cfg.dalle_hidden, num_blocks_per_group=cfg.dalle_blocks,
+                                          vocab_size=cfg.codebook_size),
+            "hidden_size": cfg.width, "layer_norm_eps": cfg.ln_eps, "projection_dim": cfg.embed_dim,
+            "init_codebook": codebook, "logit_scale_init_value": LOGIT_SCALE_INIT, "initializer_range": cfg.init_std,
+            "nanoflava": {k: getattr(cfg, k) for k in NANOFLAVA_ONLY}}
+
+
+def hf_state(state: dict, cfg: ModelConfig) -> dict:
+    """nanoFLAVA's tensors under FlavaForPreTraining's names: hf_names read backwards. qkv splits into q, k, v; the
+    text positions, which hold BERT's token-type row 0 already, go out as they are beside token-type rows of zero;
+    a head's output bias goes out as decoder.bias alone (<head>.bias is the same tied tensor; transformers 5
+    saves it so too)."""
+    out = {}
+    for name, src in hf_names(cfg).items():
+        t = state[name]
+        if name == "text_encoder.pos_embed":  # (1, L, D) -> positions (L, D) and token types (2, D) of zero
+            out[src[0]], out[src[1]] = t[0], torch.zeros(2, t.size(-1), dtype=t.dtype)
+        elif isinstance(src, tuple):  # (3D, ...) -> 3 x (D, ...): qkv is q, k and v stacked on dim 0
+            out |= dict(zip(src, t.chunk(3)))
+        else:
+            out[src] = t
+    return {k if k.startswith(HF_HEADS) else f"flava.{k}": v for k, v in out.items()}
+
+
+def tokenizer_config(cfg: ModelConfig) -> dict:
+    """tokenizer_config.json for BertTokenizer over our vocab.txt: BERT uncased's rules, which data.Tokenizer
+    follows (lower case, accents stripped, CJK one word each), and our text length."""
+    return {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
+            "tokenize_chinese_chars": True, "model_max_length": cfg.text_len,
+            **{f"{kind}_token": t for kind, t in zip(("pad", "unk", "cls", "sep", "mask"), data.SPECIALS)}}
+
+
+def preprocessor_config(cfg: ModelConfig, loss_cfg: dict) -> dict:
+    """preprocessor_config.json for FlavaImageProcessor: the shortest side to image_size, then the central square,
+    as nanoFLAVA evaluates (pretrained_checkpoint reads it back as preprocess="crop"); CLIP's mean and std; BEiT's
+    masks on our grid with the masked share and block of training (loss_cfg); DALL-E's pixels at 8 a patch."""
+    S, G, side = cfg.image_size, cfg.grid, 8 * cfg.grid
+    lc = {**asdict(losses.LossConfig()), **loss_cfg}
+    return {"image_processor_type": "FlavaImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": S, "width": S}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+            "return_image_mask": False, "input_size_patches": G,
+            "total_mask_patches": max(1, round(lc["mask_ratio"] * G * G)),  # as losses.FLAVALoss draws them
+            "mask_group_min_patches": lc["min_block"] or default_min_block(G * G), "mask_group_min_aspect_ratio": 0.3,
+            "return_codebook_pixels": False, "codebook_do_resize": True, "codebook_size": {"shortest_edge": side},
+            "codebook_resample": 1, "codebook_do_center_crop": True,  # 1: Lanczos, as flava-full's codebook pixels
+            "codebook_crop_size": {"height": side, "width": side}, "codebook_do_map_pixels": True}
+
+
+def export(ckpt_path, out_dir) -> Path:
+    """A nanoFLAVA checkpoint as a folder that transformers' FlavaForPreTraining and FlavaModel load: config.json,
+    model.safetensors (written by hand, atomically), vocab.txt with tokenizer_config.json (BertTokenizer) and
+    preprocessor_config.json (FlavaImageProcessor). What Hugging Face's FLAVA cannot be is refused in one line;
+    what it has no place for is left out, and said in one line each."""
+    ckpt, folder = checkpoints.load_checkpoint(ckpt_path), Path(out_dir)
+    try:
+        cfg, vocab = ModelConfig(**ckpt["model_cfg"]), ckpt["vocab"]  # (TypeError: a field this ModelConfig lacks)
+        tokenizer = data.Tokenizer(vocab)  # the special tokens are there
+        if len(vocab) > cfg.vocab_size:
+            raise ValueError(f"its {len(vocab)} word pieces are more than the model's vocab_size={cfg.vocab_size}")
+        config = config_to_hf(cfg, cfg.image_tokenizer == "dalle" and bool(ckpt["image_tokenizer"]), tokenizer.pad_id)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt_path}: {e}") from None
+    stale = sorted(f.name for f in folder.glob("*") if f.name.endswith((".bin", ".index.json", ".safetensors"))
+                   and f.name != "model.safetensors")
+    if stale:  # read_weights would take an index or a .bin there for ours
+        raise ValueError(f"{folder} already holds other weight files {stale}: export into a new folder")
+    model, image_tokenizer = checkpoints.models_from_checkpoint(ckpt)  # every shape checked against the config
+    state = hf_state(model.state_dict(), cfg)
+    if config["init_codebook"]:
+        own = image_tokenizer.state_dict()
+        state |= {f"image_codebook.{hf}": own[name] for name, hf in codebook_hf_names(cfg).items()}
+    else:
+        print(f"{ckpt_path}: image tokenizer {'k-means' if cfg.image_tokenizer == 'kmeans' else 'absent'}: left out "
+              f"(Hugging Face's image codebook is DALL-E's encoder; give its losses mim_labels)")
+    print(f"{ckpt_path}: no encoder poolers (no pretraining output reads them): transformers initialises their "
+          f"pooler.dense afresh")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors", state)
+    for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config(cfg)),
+                          ("preprocessor_config.json", preprocessor_config(cfg, ckpt.get("loss_cfg", {})))):
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")  # as data.Tokenizer.save
+    print(f"wrote {folder}: {len(state)} tensors, {len(vocab)} word pieces, {cfg.image_size} px images")
+    return folder
+
+
 def main(argv=None):
-    """python pretrained.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER] (also: python model.py convert ...)."""
-    parser = argparse.ArgumentParser(description="A published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
-    parser.add_argument("command", choices=["convert"])
-    parser.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
-    parser.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
-    parser.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
+    """python pretrained.py convert HF_FOLDER out/ckpt.pt [--codebook FOLDER] (also: python model.py convert ...);
+    python pretrained.py export out/ckpt.pt HF_FOLDER. Bad input: one line on stderr, exit status 2."""
+    parser = argparse.ArgumentParser(description="FLAVA between Hugging Face folders and nanoFLAVA checkpoints")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="a published FLAVA (a Hugging Face folder) as a nanoFLAVA checkpoint")
+    convert.add_argument("hf_folder", help="facebook/flava-full, downloaded: config.json, pytorch_model.bin, vocab.txt")
+    convert.add_argument("out", help="the nanoFLAVA checkpoint to write, e.g. out/flava/ckpt.pt")
+    convert.add_argument("--codebook", default="", help="facebook/flava-image-codebook, if hf_folder has no codebook")
+    out = commands.add_parser("export", help="a nanoFLAVA checkpoint as a Hugging Face FLAVA folder")
+    out.add_argument("ckpt", help="a nanoFLAVA checkpoint, e.g. out/small/ckpt.pt")
+    out.add_argument("out_dir", help="the folder to write: FlavaForPreTraining.from_pretrained(out_dir) loads it")
     args = parser.parse_args(argv)
-    ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
+    try:
+        if args.command == "export":
+            return export(args.ckpt, args.out_dir)
+        ckpt = pretrained_checkpoint(args.hf_folder, args.codebook)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pretrained.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     checkpoints.save_atomic(ckpt, args.out)  # written whole, then renamed: never a torn checkpoint
     print(f"wrote {args.out}: image tokenizer {'DALL-E encoder' if ckpt['image_tokenizer'] else 'none'}, "

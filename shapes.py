@@ -6,7 +6,7 @@ questions for VQA). Every scene is a function of (seed, split, index); the val s
 combinations that training never shows, for zero-shot composition. A caption names every object, and a relation
 it states holds in the image, so every objective has something true to learn.
 
-    python data.py        # draws 64 scenes to shapes_world.png and prints captions
+    python shapes.py      # draws 64 scenes to shapes_world.png and prints captions (also: python data.py)
     python -m pytest tests/test_data.py -k "world or scene or caption or question"
 """
 import collections
@@ -15,6 +15,7 @@ import random
 import re
 
 import numpy as np
+from PIL import Image
 
 import bert_words
 import data
@@ -203,3 +204,15 @@ class ShapesWorld:
         phrases = [*self.PREFIXES, *self.RELATIONS, *self.prompt_templates, self.QUESTION_WORDS, "a and .",
                    *self.answers(), *sum(self.SHAPE_WORDS.values(), ()), *sum(self.SIZE_WORDS.values(), ())]
         return sorted({w for p in phrases for w in bert_words.words(p.replace("{}", ""))})
+
+
+def main():
+    """python shapes.py (or python data.py): 64 scenes drawn to shapes_world.png, the captions of the first 8."""
+    world = ShapesWorld()
+    rows = [np.concatenate([world.render(world.scene("train", 8 * r + c)) for c in range(8)], 1) for r in range(8)]
+    Image.fromarray(np.concatenate(rows)).save("shapes_world.png")
+    print(*(world.caption(world.scene("train", i), random.Random(i)) for i in range(8)), sep="\n")
+
+
+if __name__ == "__main__":
+    main()

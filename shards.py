@@ -127,7 +127,7 @@ class TarShards:
         return out
 
     def decode(self, group, rng):
-        image = data.read_image(io.BytesIO(group[next(e for e in SHARD_IMAGES if e in group)][2]), self.image_size,
+        image = manifests.read_image(io.BytesIO(group[next(e for e in SHARD_IMAGES if e in group)][2]), self.image_size,
                            True, rng)
         ids, attn = self.tokenizer.encode(self.caption(group), self.text_len)
         return {"image": image, "ids": ids[0], "attn": attn[0]}

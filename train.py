@@ -30,7 +30,6 @@ gradcache.py (--micro_batch), manifests.py and shards.py (data on disk), shapes.
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
@@ -421,12 +420,12 @@ def setup(argv) -> Run:
         start = starting_point(cfg, overrides, current, rank, world_size, device, print0)
         sources, world, tokenizer = build_data(cfg, start.mcfg, (start.resume or start.init or {}).get("vocab"))
     except (FileNotFoundError, ValueError) as e:
-        fail(e)
+        cli.fail("train.py", e)
     mcfg = start.mcfg
     if start.resume is None and start.init is None and "vocab_size" not in overrides:  # a fresh run: as its tokenizer
         mcfg = replace(mcfg, vocab_size=len(tokenizer))
     if mcfg.vocab_size < len(tokenizer):
-        fail(f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        cli.fail("train.py", f"--vocab_size={mcfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     config = {"train": asdict(cfg), "model": asdict(mcfg), "loss": asdict(loss_cfg), "world_size": world_size,
               "device": str(device), "dtype": distributed.dtype_name(dtype), "grad_scaler": dtype == torch.float16}
     print0(json.dumps(config, indent=1))  # the resolved config, once; config.json holds the same
@@ -449,12 +448,6 @@ def setup(argv) -> Run:
     run.image_tokenizer = prepare_image_tokenizer(run, start.stage1)  # stage 1 (or its result, loaded)
     build_model(run)  # after stage 1, which draws from the global generator: FLAVA's init is reseeded
     return run
-
-
-def fail(error):
-    """Bad input at the start: one line naming the path and what was expected, exit status 2 (as argparse's)."""
-    print(f"train.py: error: {error}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, vocab=None):

@@ -17,8 +17,8 @@ from PIL import Image
 
 import data  # the repository root is on sys.path via conftest.py
 from data import (SPECIALS, Mixture, MixtureBatchSampler, SyntheticImages, SyntheticPairs, SyntheticTexts,
-                  Tokenizer, collate, image_transform, make_loader, read_image)
-from manifests import FilePairs, ImageFolder, TextFile
+                  Tokenizer, collate, image_transform, make_loader)
+from manifests import FilePairs, ImageFolder, TextFile, read_image
 from shapes import ShapesWorld
 
 CORPUS = ["a red circle, to the left of a blue square", "there is a small green triangle.",

@@ -4,6 +4,7 @@ cleanly on a CPU. A benchmark is not a test, so nothing here checks a timing.
 
     python -m pytest tests/test_fit.py
 """
+import json
 from dataclasses import replace
 
 import pytest
@@ -16,11 +17,11 @@ from test_bench import ARGS
 def held_after_forward(cfg, loss_cfg, batch):
     """Bytes allocated and not freed during one forward of the paired step (the profiler's allocation records):
     what the graph keeps for backward, plus the few outputs."""
-    import bench
+    import runners
 
-    runner = bench.Ours(cfg, torch.device("cpu"), torch.bfloat16)
+    runner = runners.Ours(cfg, torch.device("cpu"), torch.bfloat16)
     runner.objective.cfg = loss_cfg
-    inputs = bench.make_batch(cfg, batch, torch.device("cpu"))
+    inputs = runners.make_batch(cfg, batch, torch.device("cpu"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         with runner.autocast:
             out = runner.objective("pairs", inputs, 0)
@@ -46,13 +47,13 @@ def test_saved_activations_are_what_a_forward_keeps(tiny_cfg):
     assert per_pair[True] < 0.6 * per_pair[False]
 
 
-def test_fit_estimate_follows_from_the_measured_activations(tiny_cfg, capsys):
+def test_fit_estimate_follows_from_the_measured_activations(tiny_cfg, capsys, tmp_path):
     """CPU: largest micro-batch = (90% of the GPU - 18 bytes per parameter, 16 of them / world with --fsdp) /
     activations per pair; more fits with checkpointing and with FSDP."""
     import bench
     import model as M
 
-    rows = bench.main(ARGS + ["--fit", "--gpu_gb", "0.5", "--world", "4"])
+    rows = bench.main(ARGS + ["--fit", "--gpu_gb", "0.5", "--world_size", "4", "--json", str(tmp_path / "fit.json")])
     n = sum(p.numel() for p in M.FLAVA(tiny_cfg).parameters())
     assert [r["grad_ckpt"] for r in rows] == [False, True]
     for r in rows:
@@ -60,6 +61,7 @@ def test_fit_estimate_follows_from_the_measured_activations(tiny_cfg, capsys):
         assert r["largest"] == int((0.45e9 - 18 * n) // per_pair) and r["largest_fsdp"] == int((0.45e9 - 6 * n) // per_pair)
     assert rows[1]["largest"] > rows[0]["largest"] > 0
     assert "| True |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fit.json").read_text())["rows"] == rows  # what .ci/gpu's table reads
 
 
 def test_bench_times_the_accumulated_step(tmp_path):

@@ -58,6 +58,18 @@ def free_ports(n):
     return ports
 
 
+def run_ranks(worker, args, limit, what):
+    """Two forked ranks running worker(rank, *args); killed, and the test failed, if they are not done in limit s."""
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False,
+                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    deadline = time.monotonic() + limit
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"2 ranks did not finish {what} within {limit} s: a hang")
+
+
 def steps(out_dir):
     rows = [json.loads(line) for line in open(out_dir / "log.jsonl")]
     return {r["step"]: r for r in rows if r.get("stage") == "joint"}
@@ -73,14 +85,7 @@ def test_fsdp_matches_ddp_and_checkpoints_cross_over(tmp_path):
     with torch.no_grad():  # codes that vary: a random codebook in pixel space
         image_tokenizer.codebook.uniform_()
     torch.save(image_tokenizer.state_dict(), tmp_path / "image_tokenizer.pt")
-    ctx = mp.start_processes(_worker, args=(2, free_ports(len(RUNS)), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish 4 short runs within 240 s: a hang")
+    run_ranks(_worker, (2, free_ports(len(RUNS)), str(tmp_path)), 240, "4 short runs")
 
     a, b, c, d = (steps(tmp_path / name) for name in RUNS)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)) and sorted(c) == sorted(d) == list(range(4, STEPS + 1))
@@ -170,14 +175,7 @@ def test_fsdp_trains_in_ddps_precision_under_bf16(tmp_path):
     (FSDP's param_dtype=bf16 made them bf16: every weight arrived in bf16 and the ops autocast leaves alone ran in
     it), and the losses of five steps of every kind agree with DDP's to 1e-4 relative (what may differ is only the
     order of the gradients' reduction; measured: identical here, and 1.3e-3 apart with param_dtype=bf16)."""
-    ctx = mp.start_processes(_precision_worker, args=(2, free_ports(1)[0], str(tmp_path / "got.pt")), nprocs=2,
-                             join=False, start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish 10 steps within 120 s: a hang")
+    run_ranks(_precision_worker, (2, free_ports(1)[0], str(tmp_path / "got.pt")), 120, "10 steps")
     got = torch.load(tmp_path / "got.pt")
     (ddp, ddp_dtypes), (fsdp, fsdp_dtypes) = got["ddp"], got["fsdp"]
     assert ddp_dtypes == fsdp_dtypes == [("fused", "torch.float32"), ("hidden", "torch.float32")]

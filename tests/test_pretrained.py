@@ -423,12 +423,18 @@ def test_every_output_matches_hugging_face(tmp_path, fmt):
     else:
         hf.save_pretrained(folder, max_shard_size="20KB" if fmt == "sharded" else "5GB")
     ours = pretrained.from_pretrained(folder, text_len=12).eval()
-    B, L, P = 3, 12, 16
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(B, 3, 32, 32, generator=gen)  # ours normalises [0, 1] pixels itself; HF takes them normalised
+    assert_outputs_match(hf, ours)
+
+
+def output_pairs(hf, ours, L=12, seed=0):
+    """Every output FlavaForPreTraining gives, beside nanoFLAVA's own for the same inputs: 3 images of the 4 x 4
+    grid, 3 captions of L tokens padded to 12, 7 and 4 real ones, BERT-masked words and masked patches."""
+    B, P, S = 3, ours.cfg.num_patches, ours.cfg.image_size
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, S, S, generator=gen)  # ours normalises [0, 1] pixels itself; HF takes them normalised
     pixels = (x - torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
-    ids, attn = torch.randint(5, 100, (B, L), generator=gen), torch.zeros(B, L, dtype=torch.bool)
-    for i, n in enumerate((12, 7, 4)):  # padded texts: [CLS] words [SEP] [PAD]...
+    ids, attn = torch.randint(5, ours.cfg.vocab_size, (B, L), generator=gen), torch.zeros(B, L, dtype=torch.bool)
+    for i, n in enumerate((L, 7, 4)):  # padded texts: [CLS] words [SEP] [PAD]...
         attn[i, :n], ids[i, 0], ids[i, n - 1], ids[i, n:] = True, 2, 3, 0
     masked_ids = torch.where(torch.rand(B, L, generator=gen) < 0.3, 4, ids)
     patch_masked = torch.rand(B, P, generator=gen) < 0.4
@@ -440,17 +446,24 @@ def test_every_output_matches_hugging_face(tmp_path, fmt):
         image_out, text_out = ours.encode_image(x)[1], ours.encode_text(ids, attn)[1]
         mm = ours.encode_multimodal(ours.encode_image(x, patch_masked=patch_masked)[0],
                                     ours.encode_text(masked_ids, attn)[0], attn)  # (B, M, D)
-        pairs = {"image embeddings": (image_out, o.image_embeddings), "text embeddings": (text_out, o.text_embeddings),
-                 "contrastive logits": (ours.scale() * ours.image_embed(image_out) @ ours.text_embed(text_out).T,
-                                        o.contrastive_logits_per_image),
-                 "[CLS_M]": (mm[:, 0], o.multimodal_masked_embeddings[:, 0]),
-                 "ITM": (ours.itm_head(mm[:, 0]), o.itm_logits),
-                 "MMM-image": (ours.mmm_image_head(mm[:, 2: 2 + P]), o.mmm_image_logits),
-                 "MMM-text": (ours.mmm_text_head(mm[:, -L:]), o.mmm_text_logits),
-                 "MIM": (ours.mim_head(ours.encode_image(x, patch_masked=patch_masked)[1]), mim),
-                 "MLM": (ours.mlm_head(ours.encode_text(masked_ids, attn)[1]), mlm)}
-    for what, (a, b) in pairs.items():
-        assert a.shape == b.shape and (a - b).abs().max() <= 1e-4, what
+        return {"image embeddings": (image_out, o.image_embeddings), "text embeddings": (text_out, o.text_embeddings),
+                "contrastive logits": (ours.scale() * ours.image_embed(image_out) @ ours.text_embed(text_out).T,
+                                       o.contrastive_logits_per_image),
+                "[CLS_M]": (mm[:, 0], o.multimodal_masked_embeddings[:, 0]),
+                "ITM": (ours.itm_head(mm[:, 0]), o.itm_logits),
+                "MMM-image": (ours.mmm_image_head(mm[:, 2: 2 + P]), o.mmm_image_logits),
+                "MMM-text": (ours.mmm_text_head(mm[:, -L:]), o.mmm_text_logits),
+                "MIM": (ours.mim_head(ours.encode_image(x, patch_masked=patch_masked)[1]), mim),
+                "MLM": (ours.mlm_head(ours.encode_text(masked_ids, attn)[1]), mlm)}
+
+
+def assert_outputs_match(hf, ours, L=12, atol=1e-4) -> float:
+    """Each of output_pairs' outputs the same shape and within atol; returns the largest difference."""
+    worst = 0.0
+    for what, (a, b) in output_pairs(hf, ours, L).items():
+        assert a.shape == b.shape and (a - b).abs().max() <= atol, (what, (a - b).abs().max())
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
 
 
 def test_a_flava_model_without_heads_and_other_image_sizes_match_hugging_face(tmp_path, capsys):

@@ -250,12 +250,12 @@ def test_hostile_data_trains_and_names_what_it_skips(hostile, tmp_path):
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     """Pillow's pixel limit refuses a 10^10-pixel header at open: no memory is spent on the pixels."""
-    import data
+    import manifests
 
     png_header(tmp_path / "bomb.png", 100_000, 100_000)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with pytest.raises(Image.DecompressionBombError):
-        data.read_image(tmp_path / "bomb.png", 32, True)
+        manifests.read_image(tmp_path / "bomb.png", 32, True)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100_000  # < 100 MB, vs 30 GB decoded
 
 
