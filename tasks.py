@@ -207,7 +207,7 @@ class QuestionManifest(manifests._SkipBadFiles):
         """The image, resized to the model's size without a random crop (a question may ask about what a crop
         would cut off), decoded once: VQA asks several questions of each image (VQAv2: 5.4; shapes-vqa: 10)."""
         if file not in self.cache:
-            image = data.read_image(file, self.image_size, False, squash=self.squash)  # (3, S, S) uint8
+            image = manifests.read_image(file, self.image_size, False, squash=self.squash)  # (3, S, S) uint8
             if len(self.cache) * image.numel() < CACHE_BYTES:
                 self.cache[file] = image
             return image
@@ -291,7 +291,7 @@ class LabelledImages(manifests.ImageFolder):
         return []
 
     def _read(self, i, rng=None):
-        return {"image": data.read_image(self.files[i], self.image_size, self.train, rng, self.squash),
+        return {"image": manifests.read_image(self.files[i], self.image_size, self.train, rng, self.squash),
                 "label": self.vocab.get(self.classes[self.labels[i]], -1)}
 
 
