@@ -69,9 +69,10 @@ class FinetuneConfig:  # defaults: the shapes VQA set from the default run in mi
     batch_size: int = 64  # global batch per step, split evenly over ranks (paper: 256)
     epochs: float = 1.5  # passes over the training rows, when --steps is 0
     steps: int = 0  # optimizer steps; 0 = --epochs over the training rows
-    lr: float = 2e-4  # peak lr (paper: 1e-4 VQAv2, 1e-5 SNLI-VE; shapes-vqa: 1e-3 and 5e-4 wrecked yes/no matching)
+    lr: float = 4e-4  # peak lr of the model (paper: 1e-4 VQAv2, 1e-5 SNLI-VE, 44,000 and 24,000 steps)
+    head_lr_mult: float = 10.0  # the new head's lr, a multiple of --lr (1: yes/no questions stayed at chance)
     min_lr: float = 0.0  # end of the cosine
-    warmup: int = 50  # linear warmup steps (paper: 2,000)
+    warmup: int = 100  # linear warmup steps (paper: 2,000)
     weight_decay: float = 0.01  # AdamW decay on weight matrices only (paper: 1e-2)
     beta2: float = 0.999  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm (after unscaling)
@@ -179,7 +180,7 @@ def train_step(run, batch, lr):
     """One update -> (loss, gradient norm before clipping), on the device. As train.optimizer_step: one autocast,
     the loss scaled for fp16, unscaled before clipping; GradScaler skips a step whose gradients overflowed."""
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]  # the head: --head_lr_mult
     with run.autocast:
         logits = run.step_fn(**inputs(run, batch))  # (B_local, A)
     loss = task_loss(run.cfg.task, logits, batch)
@@ -444,7 +445,7 @@ def build_model(run, start):
     run.trainable = [p for p in model.parameters() if p.requires_grad]
     # The multimodal tasks read the encoders' states before their final LayerNorm: those never get a gradient.
     run.step_fn = DDP(model, find_unused_parameters=True) if run.world_size > 1 else model
-    run.optimizer = train.make_optimizer(model, cfg)  # AdamW, decay on weight matrices only
+    run.optimizer = make_optimizer(model, cfg)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
     if resumed:
         distributed.load_optimizer(run.optimizer, start["optimizer"])
@@ -455,6 +456,18 @@ def build_model(run, start):
         run.print0(f"resumed from {run.path('ckpt.pt')} at step {run.step} of {run.total}")
     run.print0(f"{run.name}: {cfg.task}, {len(run.answers)} answers, {sum(p.numel() for p in run.trainable) / 1e6:.2f}M"
                f" of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters train, {run.total} steps")
+
+
+def make_optimizer(model, cfg):
+    """train.make_optimizer's AdamW (decay on weight matrices only), the new head's parameters in groups of their own
+    at --head_lr_mult times the lr: the head starts from nothing and must first find the answers in [CLS_M], while
+    the pretrained encoders need only small moves (the step sets each group's lr to lr x lr_scale)."""
+    base, head = train.make_optimizer(model, cfg), {id(p) for p in model.head.parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps, "lr_scale": scale}
+              for g in base.param_groups for ps, scale in (([p for p in g["params"] if id(p) not in head], 1.0),
+                                                           ([p for p in g["params"] if id(p) in head], cfg.head_lr_mult))
+              if ps]
+    return type(base)(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), **({"fused": True} if base.defaults.get("fused") else {}))
 
 
 def fresh_run(run, blank, name):

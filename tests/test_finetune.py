@@ -238,3 +238,19 @@ def test_bad_input_is_one_line_and_exit_status_2(files, tmp_path, monkeypatch, c
     assert stop.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("finetune.py: error: ") and expected in line, line
+
+
+def test_the_head_learns_at_its_own_rate_and_every_parameter_is_in_one_group(files, tmp_path):
+    """--head_lr_mult: the new head's parameters (and only they) step at that multiple of the lr, each trainable
+    parameter in exactly one AdamW group, decay on weight matrices only (as train.make_optimizer)."""
+    run = finetune.setup(["--init", files / "ckpt.pt", "--task", "vqa", "--train", files / "vqa/train.jsonl", "--val",
+                          files / "vqa/val.jsonl", "--out_dir", tmp_path / "out", "--steps", 1, "--lr", "1e-3",
+                          "--head_lr_mult", "7", *FAST])
+    finetune.train_step(run, next(tasks.batches(run.train_set, 8, 0, 1, 0, 0))[1], 1e-3)
+    head = {id(p) for p in run.model.head.parameters()}
+    seen = [id(p) for g in run.optimizer.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in run.trainable) and len(seen) == len(set(seen)) and head <= set(seen)
+    for g in run.optimizer.param_groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1 and g["lr"] == pytest.approx(7e-3 if in_head == {True} else 1e-3)
+        assert g["weight_decay"] == 0 or all(p.dim() >= 2 for p in g["params"])
