@@ -4,9 +4,9 @@ a sentence-pair text task. Small enough to fine-tune the default run on in minut
 
 Companion of finetune.py (tasks.py reads what this writes).
 
-    python shapes_tasks.py vqa /work/data/shapes-vqa         # 4,000 one-object scenes, 40,000 questions
-    python shapes_tasks.py images /work/data/shapes-images   # an image folder per (colour, shape): train/ val/
-    python shapes_tasks.py text /work/data/shapes-text       # caption<TAB>statement pairs: entailment or not
+    python shapes_tasks.py vqa data/shapes-vqa         # 4,000 one-object scenes, 40,000 questions
+    python shapes_tasks.py images data/shapes-images   # an image folder per (colour, shape): train/ val/
+    python shapes_tasks.py text data/shapes-text       # caption<TAB>statement pairs: entailment or not
 """
 import argparse
 import collections

@@ -203,6 +203,16 @@ class QuestionManifest(manifests._SkipBadFiles):
     def words(self):  # the text the vocabulary is checked against
         return [q for _, q, _ in map(self.row, range(len(self)))]
 
+    def kinds(self):
+        """Each row's kind of question, VQAv2's "answer_type" (yes/no, number, other) or a "kind" field (None
+        where a row has neither) -> a list of str or None; all None: the manifest has no kinds."""
+        out = []
+        for i in range(len(self)):
+            row = json.loads(self.rows[i])
+            kind = row.get("answer_type", row.get("kind"))
+            out.append(str(kind) if isinstance(kind, (str, int)) else None)
+        return out if any(k is not None for k in out) else None
+
     def image(self, file):
         """The image, resized to the model's size without a random crop (a question may ask about what a crop
         would cut off), decoded once: VQA asks several questions of each image (VQAv2: 5.4; shapes-vqa: 10)."""
@@ -296,14 +306,15 @@ class LabelledImages(manifests.ImageFolder):
 
 
 def val_batches(ds, rank, world_size, batch_size):
-    """This rank's val rows (r, r + world, ...) in batches -> (batch, rows dropped). A row whose image cannot be
-    read is dropped, never replaced by the next one as in training (it would be scored twice)."""
+    """This rank's val rows (r, r + world, ...) in batches -> (batch, rows dropped, the rows kept). A row whose
+    image cannot be read is dropped, never replaced by the next one as in training (it would be scored twice)."""
     mine = range(rank, len(ds), world_size)
     for i in range(0, len(mine), batch_size):
-        samples = [ds.load(j) for j in mine[i: i + batch_size]]
-        good = [s for s in samples if not s.get("skipped")]
+        rows = mine[i: i + batch_size]
+        samples = [ds.load(j) for j in rows]
+        good = [j for j, s in zip(rows, samples) if not s.get("skipped")]
         if good:
-            yield collate(good)[1], len(samples) - len(good)
+            yield collate([s for s in samples if not s.get("skipped")])[1], len(samples) - len(good), good
 
 
 def collate(samples):

@@ -18,6 +18,7 @@ from PIL import Image
 import checkpoints
 import data
 import finetune
+import pretrained
 import shapes
 import shapes_tasks
 import tasks
@@ -149,6 +150,26 @@ def test_a_model_overfits_a_tiny_vqa_batch_and_cannot_without_the_image(files, t
     assert finetune.fine_tune(blind) <= 2 / 8
 
 
+def test_accuracy_by_kind_of_question_is_each_kinds_own_mean(files, tmp_path):
+    """The rows name their kind (VQAv2's "answer_type", or "kind"); validation reports each kind's mean score, equal
+    to the rows' scores computed one by one, and a row of no kind counts in the whole only."""
+    rows = overfit_rows(tmp_path)
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    for i, row in enumerate(lines[:7]):
+        row["answer_type" if i % 2 else "kind"] = "odd" if i % 2 else "even"
+    rows.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    run = finetune.setup(["--init", files / "ckpt.pt", "--task", "vqa", "--train", rows, "--val", rows, "--out_dir",
+                          tmp_path / "out", "--steps", 20, "--lr", "3e-3", *FAST, "--eval_batch", 3])
+    accuracy = finetune.fine_tune(run)
+    batch = tasks.collate([run.val_set.load(i) for i in range(8)])[1]
+    with torch.no_grad():
+        score = finetune.scores("vqa", run.model.eval()(**finetune.inputs(run, batch)), batch)  # (8,)
+    assert run.val_by_kind == pytest.approx({"even": score[[0, 2, 4, 6]].mean().item(),
+                                             "odd": score[[1, 3, 5]].mean().item()})
+    assert accuracy == pytest.approx(score.mean().item())
+    assert 0 < score.sum() < 8 and run.val_by_kind["even"] != run.val_by_kind["odd"]  # not the same number thrice
+
+
 def test_exact_resume_after_stopping_half_way(files, tmp_path, monkeypatch):
     """A run of 6 steps, and a run stopped after its checkpoint at step 3 then resumed: the same losses, the same
     weights, head and AdamW state, bit for bit (fp32)."""
@@ -254,3 +275,28 @@ def test_the_head_learns_at_its_own_rate_and_every_parameter_is_in_one_group(fil
         in_head = {id(p) in head for p in g["params"]}
         assert len(in_head) == 1 and g["lr"] == pytest.approx(7e-3 if in_head == {True} else 1e-3)
         assert g["weight_decay"] == 0 or all(p.dim() >= 2 for p in g["params"])
+
+
+def test_a_fine_tuned_model_exports_and_its_folder_is_never_overwritten_by_another_run(files, tmp_path, capsys):
+    """A fine-tuned linear-stem FLAVA (its vocabulary grown by the task's words) goes out through pretrained.export
+    and comes back with the checkpoint's tensors and vocabulary; a second fresh run into the same --out_dir is
+    refused in one line, and --overwrite true replaces the first."""
+    init = checkpoints.load_checkpoint(files / "ckpt.pt")
+    cfg = ModelConfig(**{**init["model_cfg"], "stem": "linear"})
+    torch.manual_seed(1)
+    checkpoints.save_atomic({**init, "model": FLAVA(cfg).state_dict(), "model_cfg": asdict(cfg)}, tmp_path / "lin.pt")
+    args = ["--init", tmp_path / "lin.pt", "--task", "vqa", "--train", files / "vqa" / "train.jsonl", "--val",
+            files / "vqa" / "val.jsonl", "--out_dir", tmp_path / "out", "--steps", 2, "--min_word_count", 1, *FAST]
+    out = finetune.main(args)
+    assert out["new_words"]  # the task's words are not all in the pretraining vocabulary
+    ckpt = checkpoints.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    back = pretrained.pretrained_checkpoint(pretrained.export(tmp_path / "out" / "ckpt.pt", tmp_path / "hf"))
+    assert back["vocab"] == ckpt["vocab"] and len(ckpt["vocab"]) == len(init["vocab"]) + len(out["new_words"])
+    assert back["model_cfg"] == ckpt["model_cfg"] and back["model"].keys() == ckpt["model"].keys()
+    assert all(back["model"][k].equal(ckpt["model"][k]) for k in ckpt["model"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(args)
+    [line] = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and "holds another run's checkpoints (ckpt.pt" in line, line
+    assert finetune.main([*args, "--overwrite", "true"])["steps"] == 2
