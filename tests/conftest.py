@@ -4,10 +4,12 @@ The chapters are imported lazily (inside the fixture), so a half-edited model.py
 the tests that use it, not the collection of the whole suite.
 """
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 # One intra-op thread: the models here are tiny, and on a shared 2-core machine two OpenMP threads that
 # compete with another process spin and stall (measured: the same 150 steps took 2.5 s or 44 s).
@@ -34,3 +36,17 @@ def tiny_cfg():
     from model import ModelConfig
 
     return ModelConfig.from_preset("tiny", **SMALL)
+
+
+def join_ranks(worker, args, nprocs, limit, what):
+    """nprocs forked ranks running worker(rank, *args) (fork: the children inherit the imported modules instead of
+    importing torch again, ~2 s each on a loaded 2-core machine); killed, and the test failed, if they are not all
+    done within limit seconds, so that a hang in a collective fails one test instead of stopping the suite."""
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False,
+                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    deadline = time.monotonic() + limit
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} ranks did not finish {what} within {limit} s: a hang")

@@ -13,15 +13,14 @@ rank-local mean, the negative control, fails).
     python -m pytest tests/test_distributed.py
 """
 import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import losses
+from conftest import join_ranks
 import masking
 from model import KMeansTokenizer, FLAVA, ModelConfig
 
@@ -127,16 +126,8 @@ def free_port():
 
 
 def run_ranks(world, state, out_path, timeout=90, worker=_worker):
-    # fork: the children inherit the imported modules instead of importing torch again (~2 s each on a
-    # loaded 2-core machine); each one only builds a tiny model and runs a few forwards/backwards.
-    ctx = mp.start_processes(worker, args=(world, free_port(), state, str(out_path)), nprocs=world, join=False,
-                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish within {timeout} s")
+    """world gloo ranks, each building a tiny model and running a few forwards/backwards -> what they saved."""
+    join_ranks(worker, (world, free_port(), state, str(out_path)), world, timeout, "their steps")
     return torch.load(out_path, weights_only=True)
 
 

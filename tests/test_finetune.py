@@ -62,7 +62,7 @@ def test_every_task_runs_end_to_end_and_writes_finetune_json(files, tmp_path, ta
     step count and the wall time; ckpt.pt is a nanoFLAVA checkpoint (eval.py's loader reads it) with the head."""
     finetune_run(files, tmp_path, task, "--steps", 3)
     out = json.loads((tmp_path / "finetune.json").read_text())
-    assert out["steps"] == 3 and 0 <= out["val_accuracy"] <= 1 and out["wall_seconds"] > 0
+    assert out["steps"] == 3 and 0 <= out["val_accuracy"] <= 1 and 0 <= out["wall_seconds"] <= out["total_wall_seconds"]
     assert 0 <= out["baselines"]["majority"] <= 1 and ("question_prior" in out["baselines"]) == (task in ("vqa", "multimodal"))
     ckpt = checkpoints.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 3 and len(ckpt["answers"]) == out["answers"] and "head" in ckpt

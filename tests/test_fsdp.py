@@ -14,12 +14,11 @@ import json
 import os
 import shutil
 import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from conftest import join_ranks
 from test_reliability import TINY
 
 STEPS = 6
@@ -59,15 +58,7 @@ def free_ports(n):
 
 
 def run_ranks(worker, args, limit, what):
-    """Two forked ranks running worker(rank, *args); killed, and the test failed, if they are not done in limit s."""
-    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False,
-                             start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    deadline = time.monotonic() + limit
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2 ranks did not finish {what} within {limit} s: a hang")
+    join_ranks(worker, args, 2, limit, what)
 
 
 def steps(out_dir):
