@@ -392,13 +392,17 @@ def starting_point(cfg, overrides, current, rank, world_size, device, print0) ->
     if cfg.init_from:
         init = (pretrained.pretrained_checkpoint(cfg.init_from, **overrides) if os.path.isdir(cfg.init_from)
                 else checkpoints.load_checkpoint(cfg.init_from))
-        if init["image_tokenizer"] is None:
-            raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: convert it with its codebook first "
-                             "(python pretrained.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
         mcfg = replace(ModelConfig(**init["model_cfg"]), **overrides)
     # what a checkpoint stores, to compare with a resumed one (vocab_size: the tokenizer's, unless a flag set it)
     current = {**current, "model_cfg": {k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in overrides}}
     resume, stage1 = checkpoints.decide_resume(cfg, current, rank, world_size, device, print0)
+    if init is not None and init["image_tokenizer"] is None:  # an export without its k-means codebook, say
+        if stage1 is None:
+            raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: give the one it was trained with "
+                             "(--image_tokenizer_ckpt out/image_tokenizer.pt), or convert it with a codebook (python "
+                             "pretrained.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
+        init = {**init, "image_tokenizer": stage1}
+        print0(f"--init_from {cfg.init_from}: its image tokenizer from {cfg.image_tokenizer_ckpt}")
     if resume is not None:
         mcfg = replace(mcfg, vocab_size=overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
     return Start(mcfg, resume, init, stage1)

@@ -26,7 +26,7 @@ import model as M
 import pretrained
 import weightfiles
 from conftest import ROOT, SMALL
-from test_pretrained import CORPUS, VOCAB, assert_outputs_match, assert_same_state, ours_small
+from test_pretrained import CORPUS, VOCAB, assert_outputs_match, assert_same_state, ours_small, pairs_file
 
 
 def save_ckpt(path, model, image_tokenizer, vocab=VOCAB, **extra):
@@ -113,6 +113,30 @@ def test_a_kmeans_model_exports_without_its_codebook_and_keeps_what_hugging_face
     ckpt = pretrained.pretrained_checkpoint(folder)
     assert ckpt["model_cfg"] == asdict(model.cfg) and ckpt["image_tokenizer"] is None  # kmeans, manual: as trained
     assert_same_state(ckpt["model"], model.state_dict(), atol=0)
+
+
+def test_training_resumes_from_a_kmeans_export_given_its_tokenizer(tmp_path, capsys):
+    """An export left its k-means codebook out: train.py --init_from that folder refuses in one line naming the way
+    out, and with --image_tokenizer_ckpt (the tokenizer it was trained with) starts from the exported weights and
+    those codes (lr 0: both saved unchanged)."""
+    import train
+
+    model, tokenizer = kmeans_small()
+    folder = pretrained.export(save_ckpt(tmp_path / "ckpt.pt", model, tokenizer), tmp_path / "hf")
+    checkpoints.save_atomic(tokenizer.state_dict(), tmp_path / "image_tokenizer.pt")
+    args = ["--device", "cpu", "--init_from", str(folder), "--pairs", str(pairs_file(tmp_path)), "--steps", "1",
+            "--batch_size", "4", "--lr", "0", "--min_lr", "0", "--warmup", "1", "--dtype", "fp32", "--eval", "false",
+            "--p_pairs", "1", "--p_images", "0", "--p_texts", "0"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out_dir", str(tmp_path / "no")])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "has no image tokenizer" in line and "--image_tokenizer_ckpt" in line, line
+    train.main([*args, "--out_dir", str(tmp_path / "run"), "--image_tokenizer_ckpt", str(tmp_path / "image_tokenizer.pt")])
+    ckpt = checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["model_cfg"]["image_tokenizer"] == "kmeans" and ckpt["vocab"] == VOCAB
+    assert_same_state(ckpt["model"], model.state_dict())
+    assert_same_state(ckpt["image_tokenizer"], tokenizer.state_dict(), atol=0)
 
 
 @pytest.mark.parametrize("preset, overrides", [("small", {}), ("base", {}), ("base", dict(text_len=128)),
