@@ -198,7 +198,7 @@ def validate(run):
     """Mean accuracy over the val rows, each rank its rows r, r + world, ...; sums all-reduced; also the accuracy
     of each kind of question where the manifest names them (run.val_by_kind; VQAv2's yes/no, number, other). A
     row whose image cannot be read is dropped (counted in run.counters["val_unreadable"]), never replaced."""
-    kinds = run.val_set.kinds() if hasattr(run.val_set, "kinds") else None
+    kinds = run.val_set.kinds()  # a kind name a row, or None (a manifest without kinds, images, texts)
     names = sorted({k for k in kinds if k is not None}) if kinds else []
     index = {k: i for i, k in enumerate(names)}  # the sums: score, rows, unreadable, then two a kind
     model, total = run.model.eval(), torch.zeros(3 + 2 * len(names), device=run.device)
@@ -478,11 +478,12 @@ def make_optimizer(model, cfg):
     """train.make_optimizer's AdamW (decay on weight matrices only), the new head's parameters in groups of their own
     at --head_lr_mult times the lr: the head starts from nothing and must first find the answers in [CLS_M], while
     the pretrained encoders need only small moves (the step sets each group's lr to lr x lr_scale)."""
-    base, head = train.make_optimizer(model, cfg), {id(p) for p in model.head.parameters()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps, "lr_scale": scale}
-              for g in base.param_groups for ps, scale in (([p for p in g["params"] if id(p) not in head], 1.0),
-                                                           ([p for p in g["params"] if id(p) in head], cfg.head_lr_mult))
-              if ps]
+    base, head, groups = train.make_optimizer(model, cfg), {id(p) for p in model.head.parameters()}, []
+    for group in base.param_groups:  # (decay, no decay) x (encoders, head)
+        rest = {k: v for k, v in group.items() if k != "params"}
+        for in_head, scale in ((False, 1.0), (True, cfg.head_lr_mult)):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            groups += [{**rest, "params": params, "lr_scale": scale}] if params else []
     return type(base)(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), **({"fused": True} if base.defaults.get("fused") else {}))
 
 

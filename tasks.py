@@ -185,7 +185,7 @@ class QuestionManifest(manifests._SkipBadFiles):
             raise FileNotFoundError(f"manifest not found: {path}")
         self.root, self.image_size, self.text_len = os.path.abspath(path.parent), image_size, text_len
         self.rows, self.skipped, self.num_skipped = _index(path, lambda line: _question_row(line, self.root))
-        self.path, self.tokenizer, self.vocab, self.cache = path, None, {}, {}
+        self.path, self.tokenizer, self.vocab, self.cache, self._kinds = path, None, {}, {}, None
 
     def __len__(self):
         return len(self.rows)
@@ -205,13 +205,13 @@ class QuestionManifest(manifests._SkipBadFiles):
 
     def kinds(self):
         """Each row's kind of question, VQAv2's "answer_type" (yes/no, number, other) or a "kind" field (None
-        where a row has neither) -> a list of str or None; all None: the manifest has no kinds."""
-        out = []
-        for i in range(len(self)):
-            row = json.loads(self.rows[i])
-            kind = row.get("answer_type", row.get("kind"))
-            out.append(str(kind) if isinstance(kind, (str, int)) else None)
-        return out if any(k is not None for k in out) else None
+        where a row has neither) -> a list of str or None; all None: the manifest has no kinds. Read once."""
+        if self._kinds is None:
+            rows = (json.loads(self.rows[i]) for i in range(len(self)))
+            kinds = [str(k) if isinstance(k, (str, int)) else None for k in
+                     (row.get("answer_type", row.get("kind")) for row in rows)]
+            self._kinds = kinds if any(k is not None for k in kinds) else []
+        return self._kinds or None
 
     def image(self, file):
         """The image, resized to the model's size without a random crop (a question may ask about what a crop
@@ -272,6 +272,9 @@ class LabelledTexts:
     def words(self):  # the text the vocabulary is checked against
         return [" ".join(t for t in row[1:] if t) for row in map(_text_row, self.rows)]
 
+    def kinds(self):  # one kind of row: accuracy by kind is for questions
+        return None
+
     def __getitem__(self, i):
         label, a, b = _text_row(self.rows[i])
         if b is None:
@@ -300,6 +303,9 @@ class LabelledImages(manifests.ImageFolder):
     def words(self):  # no text
         return []
 
+    def kinds(self):  # one kind of row: accuracy by kind is for questions
+        return None
+
     def _read(self, i, rng=None):
         return {"image": manifests.read_image(self.files[i], self.image_size, self.train, rng, self.squash),
                 "label": self.vocab.get(self.classes[self.labels[i]], -1)}
@@ -311,10 +317,9 @@ def val_batches(ds, rank, world_size, batch_size):
     mine = range(rank, len(ds), world_size)
     for i in range(0, len(mine), batch_size):
         rows = mine[i: i + batch_size]
-        samples = [ds.load(j) for j in rows]
-        good = [j for j, s in zip(rows, samples) if not s.get("skipped")]
+        good = [(j, s) for j, s in zip(rows, map(ds.load, rows)) if not s.get("skipped")]
         if good:
-            yield collate([s for s in samples if not s.get("skipped")])[1], len(samples) - len(good), good
+            yield collate([s for _, s in good])[1], len(rows) - len(good), [j for j, _ in good]
 
 
 def collate(samples):

@@ -381,7 +381,8 @@ class Start(NamedTuple):
 
 def starting_point(cfg, overrides, current, rank, world_size, device, print0) -> Start:
     """The one decision of where a run starts, as nanoGPT's init_from block. (1) --init_from: a Hugging Face folder
-    (converted now) or a nanoFLAVA checkpoint gives the model, its vocabulary and its image tokenizer, and training
+    (converted now) or a nanoFLAVA checkpoint gives the model, its vocabulary and its image tokenizer (where it has
+    none, an export that left its k-means codebook out: --image_tokenizer_ckpt's), and training
     starts at step 0 (the model flags given on the command line apply to it; the preset's do not). (2) --resume
     with out_dir/ckpt.pt: the checkpoint's weights, optimizer, scaler, RNG states, step and data position; the
     flags, precision and device kind it would change are refused unless --resume_changes ok. (3) A saved image
@@ -396,13 +397,13 @@ def starting_point(cfg, overrides, current, rank, world_size, device, print0) ->
     # what a checkpoint stores, to compare with a resumed one (vocab_size: the tokenizer's, unless a flag set it)
     current = {**current, "model_cfg": {k: v for k, v in asdict(mcfg).items() if k != "vocab_size" or k in overrides}}
     resume, stage1 = checkpoints.decide_resume(cfg, current, rank, world_size, device, print0)
-    if init is not None and init["image_tokenizer"] is None:  # an export without its k-means codebook, say
+    if resume is None and init is not None and init["image_tokenizer"] is None:  # e.g. an export without k-means
         if stage1 is None:
             raise ValueError(f"--init_from {cfg.init_from} has no image tokenizer: give the one it was trained with "
                              "(--image_tokenizer_ckpt out/image_tokenizer.pt), or convert it with a codebook (python "
                              "pretrained.py convert FOLDER out/ckpt.pt --codebook facebook/flava-image-codebook)")
         init = {**init, "image_tokenizer": stage1}
-        print0(f"--init_from {cfg.init_from}: its image tokenizer from {cfg.image_tokenizer_ckpt}")
+        print0(f"--init_from {cfg.init_from}: image tokenizer from {checkpoints.stage1_file(cfg.out_dir, cfg.image_tokenizer_ckpt)}")
     if resume is not None:
         mcfg = replace(mcfg, vocab_size=overrides.get("vocab_size", resume["model_cfg"]["vocab_size"]))
     return Start(mcfg, resume, init, stage1)
